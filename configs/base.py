@@ -1,0 +1,129 @@
+"""The paper's setting (§IV-A and ../shared/DESIGN.md); every config key is declared here, once.
+
+The data-set files (refcoco.py, refcocop.py, ...) and tiny.py / synthetic.py only change values.
+Override any key on the command line: `--config.model.num_queries=8`.
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- model
+  c.model = m = ml_collections.ConfigDict()
+  m.image_size = 480          # square input; W_vd (eq. 9) ties the model to this size
+  m.max_tokens = 17           # counting [CLS] and [SEP]; 22 for G-Ref
+  m.hidden_dim = 512          # C
+  m.num_queries = 24          # N_q (table II)
+  m.dtype = 'float32'         # compute dtype (float32 | bfloat16); parameters stay float32
+  m.remat = False             # nn.remat around Swin and BERT blocks
+
+  # Swin-B, window 12 (ImageNet-22k 384² release).
+  m.vision_encoder = v = ml_collections.ConfigDict()
+  v.embed_dim = 128
+  v.depths = (2, 2, 18, 2)
+  v.num_heads = (4, 8, 16, 32)
+  v.window_size = 12
+  v.patch_size = 4
+  v.mlp_ratio = 4.0
+  v.drop_path_rate = 0.3
+  v.pretrained = ''           # path of a Swin checkpoint (official .pth, timm, HF safetensors, or converted)
+  v.pool_heads = 8            # attention pooling of eq. 1
+
+  # BERT-base. With `pretrained` set, the sizes below are replaced by the checkpoint's config.json.
+  m.text_encoder = t = ml_collections.ConfigDict()
+  t.pretrained = 'bert-base-uncased'  # hub id, local folder, 'package:<python module>', or '' (random)
+  t.tokenizer = ''            # folder / hub id of the tokenizer; '' = same as `pretrained`
+  t.vocab_size = 30522
+  t.hidden_size = 768
+  t.num_hidden_layers = 12
+  t.num_attention_heads = 12
+  t.intermediate_size = 3072
+  t.max_position_embeddings = 512
+  t.type_vocab_size = 2
+  t.layer_norm_eps = 1e-12
+  t.hidden_dropout_prob = 0.1
+  t.attention_probs_dropout_prob = 0.1
+
+  # Loading: fail on missing / unexpected / mis-shaped keys unless allowed here.
+  m.allow_missing_keys = False
+  m.allow_unexpected_keys = False
+
+  m.neck = n = ml_collections.ConfigDict()
+  n.use_global_text = True    # eq. 2 with F_tg (table IV); off: F_v4 alone
+  n.use_norm = False          # a LayerNorm after each σ(XW) of the neck
+
+  m.query_generator = q = ml_collections.ConfigDict()
+  q.use_global_vision = True  # eq. 8 with F_vg (table IV); off: F_t alone
+
+  m.decoder = d = ml_collections.ConfigDict()
+  d.num_layers = 3
+  d.num_heads = 8
+  d.mlp_dim = 2048
+  d.dropout = 0.1
+  d.pre_norm = False
+
+  m.aligner = a = ml_collections.ConfigDict()
+  a.mode = 'aligner'          # 'aligner' (dynamic kernels, eq. 11-14) | 'fixed' (one learned 3x3 kernel)
+  a.use_estimator = True      # multi-query estimator (eq. 13); off: equal weights 1/N_q
+  a.estimator_heads = 8
+  a.kernel_activation = 'none'  # σ of eq. 11: 'none' (DESIGN.md) | 'relu' (the paper's text)
+  a.conv_impl = 'auto'        # dynamic conv: 'vmap_conv' (reference) | 'shifted_matmul' | 'auto' (fastest on backend)
+
+  # ---------------------------------------------------------------- data
+  c.data = dt = ml_collections.ConfigDict()
+  dt.dataset = 'refcoco'      # refcoco | refcocop | refcocog_umd | refcocog_google | synthetic
+  dt.data_dir = ''            # TFDS data_dir holding the built ArrayRecord records
+  dt.refer_root = ''          # raw refer layout (<refer_root>/<dataset>/refs(<split_by>).p, instances.json)
+  dt.image_root = ''          # COCO train2014/
+  dt.train_split = 'train'
+  dt.eval_splits = ('val', 'testA', 'testB')
+  dt.val_split = 'val'        # evaluated during training
+  dt.sentences = 'random'     # train: 'random' (one sentence per ref per epoch, LAVT) | 'all'
+  dt.num_workers = 4          # grain worker processes per host (0 = in-process)
+  dt.prefetch = 2
+  dt.eval_max_size = 640      # original-size masks are padded to this canvas for batched metrics
+  # dataset='synthetic' with data_dir '': training generates this many images (seed = c.seed)
+  # and builds their records under <workdir>/data once (eavl_jax/trainer.py: prepare_data).
+  dt.synthetic_images = 2000
+
+  # ---------------------------------------------------------------- loss
+  c.loss = ml_collections.ConfigDict()
+  c.loss.bce_weight = 1.0
+  c.loss.dice_weight = 0.0
+
+  # ---------------------------------------------------------------- optimisation
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = 'adamw'
+  o.learning_rate = 5e-5
+  o.end_learning_rate = 0.0
+  o.decay_power = 0.9         # polynomial decay to 0 over the run
+  o.warmup_steps = 0
+  o.weight_decay = 0.01       # off for norms and biases
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.grad_clip_norm = 0.0      # 0 = off
+  o.grad_accum_steps = 1
+  # ((regex over the parameter path 'text_encoder/.*', lr factor), ...): first full match wins,
+  # default 1; factor 0 freezes (no gradient is computed for it). Empty: one lr for everything.
+  o.lr_multipliers = ()
+
+  # ---------------------------------------------------------------- training loop
+  c.train = tr = ml_collections.ConfigDict()
+  tr.global_batch_size = 32
+  tr.num_epochs = 40
+  tr.num_steps = -1           # > 0 overrides num_epochs
+  tr.log_every_steps = 50
+  tr.eval_every_steps = 5000
+  tr.checkpoint_every_steps = 2000
+  tr.keep_checkpoints = 3
+  tr.eval_batch_size = 32
+  tr.num_eval_images = 4      # prediction images written to TensorBoard at each evaluation
+
+  # ---------------------------------------------------------------- devices
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1            # -1: every device not used by fsdp
+  c.mesh.fsdp = 1
+  c.mesh.param_sharding = 'replicate'  # 'replicate' | 'fsdp'
+  return c

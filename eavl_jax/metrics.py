@@ -1,0 +1,147 @@
+"""oIoU, mIoU and Pr@X at the original image size (§IV-A; ../shared/DESIGN.md, "Metrics").
+
+Per expression: the logits are upsampled bilinearly (half-pixel centres, edges clamped) to the
+image's original (H, W), foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|.
+Over a split: oIoU = ΣI / ΣU; mIoU = mean of I/U (an empty union counts 0, as in LAVT's test.py);
+Pr@X = share of expressions with I/U ≥ X.
+
+Images of a batch have different sizes, so the work is done on a fixed (M, M) canvas,
+M = config.data.eval_max_size: the ground truth sits top-left on it ('mask_orig'), each sample's
+logits are resized onto its own (H, W) box of it, and pixels outside the box never count.
+"""
+import math
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from eavl_jax import sharding
+
+THRESHOLDS = (5, 6, 7, 8, 9)  # Pr@0.5 ... Pr@0.9, in tenths (compared exactly in integers)
+METRIC_KEYS = ('oIoU', 'mIoU') + tuple(f'Pr@0.{k}' for k in THRESHOLDS)
+EVAL_KEYS = ('image', 'input_ids', 'attention_mask', 'mask_orig', 'orig_size', 'valid')
+
+
+def upsample_to_canvas(logits, orig_size, canvas_size):
+  """logits (B, h, w) covering the whole image -> (B, M, M): each sample resized to its (H, W).
+
+  Bilinear with half-pixel centres and clamped edges (= jax.image.resize, = torch's
+  F.interpolate(mode='bilinear', align_corners=False)); values outside the (H, W) box are 0.
+  """
+  _, h, w = logits.shape
+  scale = orig_size.astype(jnp.float32) / jnp.array([h, w], jnp.float32)  # (B, 2)
+
+  def one(x, s):  # (h, w), (2,) -> (M, M)
+    return jax.image.scale_and_translate(x, (canvas_size, canvas_size), (0, 1), s,
+                                         jnp.zeros(2, jnp.float32), 'linear', antialias=False)
+  return jax.vmap(one)(logits.astype(jnp.float32), scale)
+
+
+def inside_box(orig_size, canvas_size):
+  """(B, 2) sizes -> (B, M, M) bool: True inside each sample's top-left (H, W) box."""
+  r = jnp.arange(canvas_size)
+  rows = r[None, :] < orig_size[:, 0:1]                             # (B, M)
+  cols = r[None, :] < orig_size[:, 1:2]                             # (B, M)
+  return rows[:, :, None] & cols[:, None, :]
+
+
+def canvas_intersection_union(foreground, mask_orig, orig_size):
+  """foreground (B, M, M) bool, mask_orig (B, M, M) {0,1}, orig_size (B, 2) -> I, U (B,) int32."""
+  box = inside_box(orig_size, foreground.shape[-1])
+  pred = foreground & box
+  gt = (mask_orig > 0) & box
+  return (pred & gt).sum((1, 2), dtype=jnp.int32), (pred | gt).sum((1, 2), dtype=jnp.int32)
+
+
+def batch_intersection_union(logits, mask_orig, orig_size, logits_on_canvas=False):
+  """Per-sample intersection and union at the original size; jittable.
+
+  logits: (B, h, w) over the whole (resized, square) image, e.g. the model's S/4 map; or, with
+    logits_on_canvas=True, (B, M, M) already at the original size, top-left like mask_orig
+    (no resizing: for predictions made elsewhere, and the ground-truth check in the tests).
+  mask_orig: (B, M, M) uint8 in {0, 1}; orig_size: (B, 2) int (H, W).
+  Returns I, U: (B,) int32.
+  """
+  m = mask_orig.shape[-1]
+  if logits_on_canvas:
+    if logits.shape[1:] != (m, m):
+      raise ValueError(f'logits_on_canvas needs logits (B, {m}, {m}); got {tuple(logits.shape)}')
+    canvas_logits = logits
+  else:
+    canvas_logits = upsample_to_canvas(logits, orig_size, m)          # (B, M, M)
+  return canvas_intersection_union(canvas_logits > 0, mask_orig, orig_size)
+
+
+def summarize(intersections, unions):
+  """Per-sample I, U (valid samples only) -> {'oIoU', 'mIoU', 'Pr@0.5'...'Pr@0.9', 'samples'}.
+
+  Fractions in [0, 1]. A split whose unions are all empty has oIoU 0.
+  """
+  i = np.asarray(intersections, np.int64).reshape(-1)
+  u = np.asarray(unions, np.int64).reshape(-1)
+  if i.shape != u.shape:
+    raise ValueError(f'{i.shape[0]} intersections but {u.shape[0]} unions')
+  if np.any(i > u) or np.any(i < 0):
+    raise ValueError('every intersection must lie in [0, union]')
+  n = int(i.size)
+  iou = np.divide(i, u, out=np.zeros(n, np.float64), where=u > 0)  # empty union: IoU 0
+  out = {'oIoU': float(i.sum() / u.sum()) if u.sum() else 0.0,
+         'mIoU': float(iou.mean()) if n else 0.0}
+  for k in THRESHOLDS:  # I/U >= k/10  <=>  10 I >= k U  (exact); an empty union never counts
+    hit = (10 * i >= k * u) & (u > 0)
+    out[f'Pr@0.{k}'] = float(hit.mean()) if n else 0.0
+  out['samples'] = n
+  return out
+
+
+def _padding_like(batch):
+  """An all-invalid batch of the same shapes (for a host whose shard ran out first)."""
+  return {k: np.zeros_like(np.asarray(batch[k])) for k in EVAL_KEYS if k in batch}
+
+
+def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_canvas=False,
+                    padding_batch=None):
+  """Runs predict_fn over every batch and returns `summarize` of the valid samples.
+
+  predict_fn(batch) -> logits (B, h, w): gets a dict of global arrays (EVAL_KEYS), the batch
+    axis split over the mesh (sharding.batch_sharding); jit it yourself, with the parameters
+    as an argument (not a closed-over constant).
+  loader: iterable of host-local numpy batches (the eval batch contract of input_pipeline).
+  num_batches: every host must run the same number of steps; if given, a host whose loader is
+    shorter continues with all-invalid batches (`padding_batch`, else zeros shaped like its last).
+  Samples with valid=False (the padded tail) never count. Results are gathered over processes.
+  """
+  metric = jax.jit(lambda logits, mask, size, valid: jax.tree.map(
+      lambda x: jnp.where(valid, x, 0),
+      batch_intersection_union(logits, mask, size, logits_on_canvas)))
+  inters, unions, valids = [], [], []
+  iterator = iter(loader)
+  step = 0
+  while num_batches is None or step < num_batches:
+    batch = next(iterator, None)
+    if batch is None:
+      if num_batches is None:
+        break
+      if padding_batch is None and step == 0:
+        raise ValueError('this host got no eval batch at all and no padding_batch was given')
+      batch = padding_batch if padding_batch is not None else _padding_like(last)
+    last = batch
+    g = sharding.global_batch({k: batch[k] for k in EVAL_KEYS if k in batch}, mesh)
+    i, u = metric(predict_fn(g), g['mask_orig'], g['orig_size'], g['valid'])
+    i, u, v = multihost_utils.process_allgather((i, u, g['valid']), tiled=True)
+    inters.append(np.asarray(i))
+    unions.append(np.asarray(u))
+    valids.append(np.asarray(v, bool))
+    step += 1
+  if num_batches is not None and next(iterator, None) is not None:
+    raise ValueError(f'the loader yields more than num_batches={num_batches} batches')
+  if not inters:
+    return summarize([], [])
+  valid = np.concatenate(valids)
+  return summarize(np.concatenate(inters)[valid], np.concatenate(unions)[valid])
+
+
+def num_eval_batches(num_examples, process_count, local_batch_size):
+  """Steps every host runs when each of `process_count` shards holds at most ⌈N / P⌉ examples."""
+  return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)

@@ -1,0 +1,181 @@
+"""Parameter count per component, without allocating the weights; forward cost and speed.
+
+  python -m eavl_jax.model_info --config=configs/refcoco.py [--json] [--flops] [--speed]
+
+--flops: FLOPs of one forward pass (inference, batch --batch_size, reported per image) from XLA's
+cost analysis of the compiled program; multiply-adds = FLOPs / 2 (XLA counts a multiply-add as 2).
+--speed: images/s of the jitted forward pass on the present backend (random weights: the time does
+not depend on their values), the median of --iterations timed runs after --warmup runs.
+Both are printed beside the paper's table VI row.
+"""
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from eavl_jax.models import eavl
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (checkpointing imports this module)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
+  flags.DEFINE_bool('flops', False, "Forward cost from XLA's cost analysis.")
+  flags.DEFINE_bool('speed', False, 'Images/s of jitted inference on this backend.')
+  flags.DEFINE_integer('batch_size', 1, 'Batch of the compiled forward (--flops, --speed).')
+  flags.DEFINE_integer('iterations', 5, 'Timed runs for --speed (median reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed runs before timing (--speed).')
+
+
+# Top-level parameter subtree -> reported component.
+COMPONENTS = {
+    'vision_encoder': 'swin', 'vision_norm_2': 'swin', 'vision_norm_3': 'swin',
+    'vision_norm_4': 'swin',
+    'attention_pool': 'attention pooling',
+    'text_encoder': 'bert', 'text_proj': 'query generator',
+    'neck': 'neck',
+    'query_generator': 'query generator',
+    'decoder': 'decoder',
+    'aligner': 'aligner',
+}
+ORDER = ('swin', 'attention pooling', 'bert', 'neck', 'query generator', 'decoder', 'aligner')
+PAPER_TOTAL = 202.11e6  # table VI
+# Table VI, EAVL Swin-B / BERT-B at 480x480: GFLOPs, parameters (M), FPS on the authors' GPU.
+PAPER_COST = {'gflops': 131.01, 'params_m': 202.11, 'fps': 8.78}
+
+
+def abstract_params(model_config, batch_size=1):
+  """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+  model = eavl.build_model(model_config)
+  inputs = eavl.dummy_inputs(model_config, batch_size)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))['params']
+
+
+def count_by_component(params):
+  counts = {name: 0 for name in ORDER}
+  for top, subtree in params.items():
+    if top not in COMPONENTS:
+      raise KeyError(f'parameter subtree {top!r} has no component in model_info.COMPONENTS')
+    counts[COMPONENTS[top]] += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(subtree))
+  return counts
+
+
+def format_table(counts):
+  total = sum(counts.values())
+  rows = [f'{"component":<20} {"parameters":>14} {"M":>9}', '-' * 45]
+  rows += [f'{k:<20} {v:>14,} {v / 1e6:>9.2f}' for k, v in counts.items()]
+  rows += ['-' * 45, f'{"total":<20} {total:>14,} {total / 1e6:>9.2f}',
+           f'{"paper (table VI)":<20} {"":>14} {PAPER_TOTAL / 1e6:>9.2f}']
+  return '\n'.join(rows)
+
+
+def compile_forward(model_config, batch_size=1):
+  """The jitted inference forward pass (params, image, ids, mask) -> logits, compiled."""
+  model = eavl.build_model(model_config)
+  forward = jax.jit(lambda params, *inputs: model.apply({'params': params}, *inputs,
+                                                        train=False)['logits'])
+  inputs = eavl.dummy_inputs(model_config, batch_size)
+  params = abstract_params(model_config)
+  return forward.lower(params, *inputs).compile()
+
+
+def forward_cost(compiled, batch_size):
+  """XLA's cost analysis of a compiled forward of `batch_size` images -> per-image FLOPs and MACs."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0]
+  if not analysis or 'flops' not in analysis:
+    raise RuntimeError(f'the {jax.default_backend()} backend gave no FLOP count: {analysis!r}')
+  flops = float(analysis['flops']) / batch_size
+  return {'flops_per_image': flops, 'macs_per_image': flops / 2, 'batch_size': batch_size}
+
+
+def random_params(model_config, seed=0):
+  """Random weights of the right shapes (N(0, 0.02)), made without compiling model.init."""
+  shapes = abstract_params(model_config)
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves)])
+
+
+def inference_speed(compiled, model_config, batch_size, iterations=5, warmup=2):
+  """Images/s of `compiled` on the default backend: batch / median seconds per call."""
+  if iterations < 1 or warmup < 0:
+    raise ValueError(f'--iterations={iterations} must be >= 1 and --warmup={warmup} >= 0')
+  params = random_params(model_config)
+  inputs = [jnp.asarray(x) for x in eavl.dummy_inputs(model_config, batch_size)]
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(params, *inputs))
+  seconds = []
+  for _ in range(iterations):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, *inputs))
+    seconds.append(time.perf_counter() - start)
+  median = statistics.median(seconds)
+  return {'images_per_second': batch_size / median, 'seconds_per_batch': median,
+          'batch_size': batch_size, 'iterations': iterations, 'backend': jax.default_backend(),
+          'device': jax.devices()[0].device_kind}
+
+
+def format_cost(model_config, total, cost=None, speed=None):
+  """Our row beside the paper's table VI row."""
+  s = model_config.image_size
+  head = f'{"":<18} {"GFLOPs":>9} {"GMACs":>9} {"params (M)":>11} {"images/s":>9}  device'
+  ours = f'{"eavl_jax":<18} '
+  ours += f'{cost["flops_per_image"] / 1e9:>9.3f} {cost["macs_per_image"] / 1e9:>9.3f} ' if cost \
+      else f'{"-":>9} {"-":>9} '
+  ours += f'{total / 1e6:>11.2f} '
+  ours += f'{speed["images_per_second"]:>9.2f}  {speed["backend"]} ({speed["device"]}), ' \
+          f'batch {speed["batch_size"]}' if speed else f'{"-":>9}'
+  p = PAPER_COST
+  paper = (f'{"paper (table VI)":<18} {p["gflops"]:>9.2f} {"-":>9} {p["params_m"]:>11.2f} '
+           f'{p["fps"]:>9.2f}  their GPU, 480x480')
+  notes = [f'Forward pass (inference) at {s}x{s}, per image; XLA cost analysis of the compiled '
+           'program; multiply-adds = FLOPs / 2.',
+           'Tools that count one multiply-add as one FLOP (fvcore, thop) report GMACs as "GFLOPs".']
+  return '\n'.join([head, '-' * len(head), ours, paper] + notes)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required')
+  counts = count_by_component(abstract_params(config.model))
+  total = sum(counts.values())
+  cost = speed = None
+  if FLAGS.flops or FLAGS.speed:
+    if FLAGS.batch_size < 1:
+      raise app.UsageError(f'--batch_size={FLAGS.batch_size} must be >= 1')
+    compiled = compile_forward(config.model, FLAGS.batch_size)
+    if FLAGS.flops:
+      cost = forward_cost(compiled, FLAGS.batch_size)
+    if FLAGS.speed:
+      speed = inference_speed(compiled, config.model, FLAGS.batch_size, FLAGS.iterations,
+                              FLAGS.warmup)
+  if FLAGS.json:
+    out = {'components': counts, 'total': total}
+    if cost:
+      out['flops'] = cost
+    if speed:
+      out['speed'] = speed
+    print(json.dumps(out))
+  else:
+    print(format_table(counts))
+    if cost or speed:
+      print()
+      print(format_cost(config.model, total, cost, speed))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,133 @@
+"""EAVL: image and expression in, the referred object's mask logits (at 1/4 of the input) out.
+
+The data flow with shapes is ../shared/DESIGN.md's; each part lives in its own file.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eavl_jax.models import aligner as aligner_lib
+from eavl_jax.models import bert
+from eavl_jax.models import decoder as decoder_lib
+from eavl_jax.models import dynamic_conv
+from eavl_jax.models import neck as neck_lib
+from eavl_jax.models import query_generator as query_generator_lib
+from eavl_jax.models import swin
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Swin downsamples by 32 and the neck upsamples F_v4 by 2 onto F_v3's grid: the size must divide.
+IMAGE_SIZE_MULTIPLE = 32
+
+
+def validate_config(m):
+  """Raises ValueError naming the field for a model config that cannot be built."""
+  def fail(field, value, why):
+    raise ValueError(f'model.{field}={value!r}: {why}')
+  if m.image_size <= 0 or m.image_size % IMAGE_SIZE_MULTIPLE:
+    fail('image_size', m.image_size, f'must be a positive multiple of {IMAGE_SIZE_MULTIPLE}')
+  if m.num_queries < 1:
+    fail('num_queries', m.num_queries, 'must be at least 1')
+  if m.max_tokens < 2:
+    fail('max_tokens', m.max_tokens, 'must hold at least [CLS] and [SEP]')
+  if m.hidden_dim < 4 or m.hidden_dim % 4:
+    fail('hidden_dim', m.hidden_dim, 'must be a positive multiple of 4')
+  if m.dtype not in DTYPES:
+    fail('dtype', m.dtype, f'must be one of {sorted(DTYPES)}')
+  if m.aligner.mode not in ('aligner', 'fixed'):
+    fail('aligner.mode', m.aligner.mode, "must be 'aligner' or 'fixed'")
+  if m.aligner.kernel_activation not in aligner_lib.KERNEL_ACTIVATIONS:
+    fail('aligner.kernel_activation', m.aligner.kernel_activation,
+         f'must be one of {sorted(aligner_lib.KERNEL_ACTIVATIONS)}')
+  if m.aligner.conv_impl not in dynamic_conv.FORMS:
+    fail('aligner.conv_impl', m.aligner.conv_impl, f'must be one of {dynamic_conv.FORMS}')
+  v = m.vision_encoder
+  if len(v.depths) != 4 or len(v.num_heads) != 4:
+    fail('vision_encoder.depths', tuple(v.depths), 'Swin needs four stages (depths and num_heads)')
+  if m.max_tokens > m.text_encoder.max_position_embeddings:
+    fail('max_tokens', m.max_tokens,
+         f'exceeds text_encoder.max_position_embeddings={m.text_encoder.max_position_embeddings}')
+
+
+class EAVL(nn.Module):
+  config: Any  # a frozen `config.model`
+
+  @nn.compact
+  def __call__(self, image, input_ids, attention_mask, train: bool = False):
+    """image (B,S,S,3), input_ids/attention_mask (B,L) -> dict(logits (B,S/4,S/4), masks, scores)."""
+    m = self.config
+    self._check_inputs(image, input_ids, attention_mask)
+    dtype = DTYPES[m.dtype]
+    c = m.hidden_dim
+    image = image.astype(dtype)
+
+    # Image encoder: Swin stages, a LayerNorm on each stage used, attention pooling (eq. 1).
+    v = m.vision_encoder
+    _, x2, x3, x4 = swin.SwinTransformer(
+        embed_dim=v.embed_dim, depths=tuple(v.depths), num_heads=tuple(v.num_heads),
+        window_size=v.window_size, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio,
+        drop_path_rate=v.drop_path_rate, dtype=dtype, remat=m.remat,
+        name='vision_encoder')(image, train=train)
+    f_v2 = nn.LayerNorm(dtype=dtype, name='vision_norm_2')(x2)     # (B, S/8,  S/8,  2E)
+    f_v3 = nn.LayerNorm(dtype=dtype, name='vision_norm_3')(x3)     # (B, S/16, S/16, 4E)
+    x4 = nn.LayerNorm(dtype=dtype, name='vision_norm_4')(x4)       # (B, S/32, S/32, 8E)
+    f_v4, f_vg = swin.AttentionPool(num_heads=v.pool_heads, dtype=dtype,
+                                    name='attention_pool')(x4)      # eq. 1
+
+    # Text encoder: BERT's last hidden states; F_t and F_tg are linear projections of them.
+    t = m.text_encoder
+    hidden = bert.BertModel(**{f: t[f] for f in bert.SIZE_FIELDS}, dtype=dtype, remat=m.remat,
+                            name='text_encoder')(input_ids, attention_mask, train=train)  # (B, L, H)
+    f_t = nn.Dense(c, dtype=dtype, name='text_proj')(hidden)        # F_t (B, L, C)
+    cls = hidden[:, 0]                                              # [CLS] (B, H_bert)
+
+    f_inte = neck_lib.FusionNeck(c, m.neck.use_norm, dtype, name='neck')(
+        f_v2, f_v3, f_v4, cls if m.neck.use_global_text else None)  # eq. 2-5: (B, H3, W3, C)
+    b, h3, w3, _ = f_inte.shape
+    f_vt = f_inte.reshape(b, h3 * w3, c)                            # F_vt (B, H3*W3, C)
+
+    f_q = query_generator_lib.QueryGenerator(
+        c, m.num_queries, m.query_generator.use_global_vision, m.neck.use_norm, dtype,
+        name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask)  # F_q (B, N_q, C)
+
+    d = m.decoder
+    f_s = decoder_lib.Decoder(d.num_layers, d.num_heads, d.mlp_dim, d.dropout, d.pre_norm, dtype,
+                              name='decoder')(f_vt, f_q, h3, w3, train=train)  # F_s (B, H3, W3, C)
+
+    a = m.aligner
+    return aligner_lib.Aligner(c, a.mode, a.use_estimator, a.estimator_heads, a.kernel_activation,
+                               a.conv_impl, dtype, name='aligner')(f_s, f_q)  # eq. 11-14
+
+  def _check_inputs(self, image, input_ids, attention_mask):
+    s = self.config.image_size
+    if image.ndim != 4 or image.shape[1:] != (s, s, 3):
+      raise ValueError(f'image has shape {tuple(image.shape)}; model.image_size={s} needs '
+                       f'(B, {s}, {s}, 3)')
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+      raise ValueError(f'input_ids {tuple(input_ids.shape)} and attention_mask '
+                       f'{tuple(attention_mask.shape)} must both be (B, L)')
+    if input_ids.shape[0] != image.shape[0]:
+      raise ValueError(f'batch sizes differ: image has {image.shape[0]}, '
+                       f'input_ids has {input_ids.shape[0]}')
+    if input_ids.shape[1] > self.config.text_encoder.max_position_embeddings:
+      raise ValueError(f'input_ids has {input_ids.shape[1]} tokens, more than '
+                       f'model.text_encoder.max_position_embeddings='
+                       f'{self.config.text_encoder.max_position_embeddings}')
+
+
+def build_model(model_config) -> EAVL:
+  validate_config(model_config)
+  return EAVL(ml_collections.FrozenConfigDict(model_config))
+
+
+def dummy_inputs(model_config, batch_size):
+  """Zero image, [CLS] [SEP] expression: the shapes the model is built for."""
+  s, l = model_config.image_size, model_config.max_tokens
+  image = np.zeros((batch_size, s, s, 3), np.float32)
+  input_ids = np.zeros((batch_size, l), np.int32)
+  input_ids[:, 0], input_ids[:, 1] = 101, 102
+  attention_mask = np.zeros((batch_size, l), np.int32)
+  attention_mask[:, :2] = 1
+  return image, input_ids, attention_mask

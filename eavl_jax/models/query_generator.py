@@ -1,0 +1,49 @@
+"""Multi-query generator (eq. 6-10): N_q queries, each a vision-guided attention over the words."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eavl_jax.models import layers
+from eavl_jax.models import neck
+
+
+class QueryGenerator(nn.Module):
+  hidden_dim: int             # C
+  num_queries: int            # N_q
+  use_global_vision: bool = True
+  use_norm: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_v2, f_v3, f_v4, f_vg, f_t, text_mask):
+    """f_v* as in the neck, f_vg (B,C4), f_t (B,L,C), text_mask (B,L) 1 = word -> F_q (B,N_q,C)."""
+    c = self.hidden_dim
+    proj = lambda feats, name: layers.ProjectReLU(feats, self.use_norm, self.dtype, name=name)
+
+    # Dense vision features: the neck without F_tg (eq. 6), then three 3x3 convs to N_q maps (eq. 7).
+    dense = neck.FusionNeck(c, self.use_norm, self.dtype, name='dense_neck')(f_v2, f_v3, f_v4)
+    for i, feats in enumerate((c, c)):
+      dense = nn.relu(nn.Conv(feats, (3, 3), padding='SAME', dtype=self.dtype,
+                              name=f'reduce_{i}')(dense))
+    dense = nn.Conv(self.num_queries, (3, 3), padding='SAME', dtype=self.dtype,
+                    name='reduce_2')(dense)                        # (B, H3, W3, N_q)
+    b, h, w, _ = dense.shape
+    f_vd = dense.reshape(b, h * w, self.num_queries).transpose(0, 2, 1)  # eq. 7: (B, N_q, H3*W3)
+
+    # Fused language features (eq. 8).
+    if self.use_global_vision:
+      f_tv = proj(c, 'text')(f_t) * proj(c, 'global_vision')(f_vg)[:, None, :]  # (B, L, C)
+    else:
+      f_tv = f_t  # table IV: "we directly use F_t in eq. 8"
+
+    # Vision-guided word attention (eq. 9). W_vd maps the H3*W3 positions to C, so the model is
+    # built for one input size. The 1/sqrt(C) scale (the paper has none) keeps the softmax of two
+    # ReLU features from saturating at initialisation.
+    q = proj(c, 'vd')(f_vd)                                         # σ(f_vdn W_vd): (B, N_q, C)
+    k = proj(c, 'a')(f_tv)                                          # σ(f_tvi W_a):  (B, L, C)
+    a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32) / jnp.sqrt(c)  # (B, N_q, L)
+    a = jnp.where(text_mask[:, None, :] > 0, a, -1e9)               # padding words never attended
+    a = jax.nn.softmax(a, axis=-1).astype(self.dtype)               # A (B, N_q, L)
+
+    v = proj(c, 'tv')(f_tv)                                         # σ(F_tv W_tv): (B, L, C)
+    return jnp.einsum('bnl,blc->bnc', a, v)                         # eq. 10: F_q (B, N_q, C)

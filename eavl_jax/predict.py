@@ -1,0 +1,179 @@
+"""The referred object's mask over one image, from a trained checkpoint.
+
+  python -m eavl_jax.predict --config=configs/refcoco.py --workdir=DIR --image=IMG \
+      --text="the man on the left" --out=OUT.png [--per_query] [--checkpoint=STEP_OR_PATH | --best]
+
+OUT.png: the image at its own size with the predicted mask (logits upsampled bilinearly to the
+original size, logit > 0; as in evaluation) in red. --per_query also writes OUT_queries.png: a grid
+of the N_q per-query masks mask_n (eq. 12, sigmoid shown as intensity) with their estimator
+scores S_qn (eq. 13), as in the paper's fig. 4.
+"""
+import io
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+from PIL import Image
+from PIL import ImageDraw
+
+from eavl_jax import evaluate
+
+FLAGS = flags.FLAGS
+PANEL_SIZE = 192     # long side of a per-query panel, pixels
+CAPTION_HEIGHT = 14  # caption strip under each panel
+MASK_RGB = np.array([255, 0, 0], np.float32)
+ALPHA = 0.5
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.')
+  flags.DEFINE_string('checkpoint', None, 'A step of --workdir, or a checkpoint folder '
+                      '<workdir>/checkpoints/<step>. Default: the latest.')
+  flags.DEFINE_bool('best', False, 'The checkpoint with the best validation mIoU.')
+  flags.DEFINE_string('image', None, 'Input image (any format PIL reads).')
+  flags.DEFINE_string('text', None, 'The referring expression.')
+  flags.DEFINE_string('out', None, 'Output PNG: the mask over the image.')
+  flags.DEFINE_bool('per_query', False, 'Also write <out>_queries.png: the N_q masks and scores.')
+
+
+def load_image(path, size):
+  """-> (model input (1, S, S, 3) normalised as in training, original RGB (H, W, 3) uint8)."""
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as im:
+      rgb = np.asarray(im.convert('RGB'))
+    image = input_pipeline.decode_image(data, size)
+  except OSError as e:  # missing file, not an image, truncated data (PIL raises OSError kinds)
+    raise ValueError(f'cannot read the image {path!r}: {e}') from e
+  return image[None], rgb
+
+
+def tokenize(config, text):
+  """-> input_ids, attention_mask (1, L) int32, truncated to model.max_tokens like training."""
+  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+  if text is None or not text.strip():
+    raise ValueError(f'the expression --text={text!r} is empty')
+  tokens = hub.load_tokenizer(config.model.text_encoder)(
+      text, max_length=config.model.max_tokens, truncation=True, padding='max_length',
+      return_attention_mask=True)
+  return (np.asarray(tokens['input_ids'], np.int32)[None],
+          np.asarray(tokens['attention_mask'], np.int32)[None])
+
+
+def resize_logits(logits, height, width):
+  """(..., h, w) -> (..., height, width), the bilinear resize of evaluation (metrics.py)."""
+  return jax.image.resize(logits, logits.shape[:-2] + (height, width), 'linear', antialias=False)
+
+
+def predict(config, params, image_path, text):
+  """-> dict: 'rgb' (H, W, 3) uint8, 'logits' (H, W) float32 at the original size, 'mask' (H, W)
+  bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  image, rgb = load_image(image_path, config.model.image_size)
+  input_ids, attention_mask = tokenize(config, text)
+  model = eavl.build_model(config.model)
+  out = jax.jit(lambda p, *x: model.apply({'params': p}, *x, train=False))(
+      params, image, input_ids, attention_mask)
+  h, w = rgb.shape[:2]
+  logits = np.asarray(resize_logits(out['logits'][0], h, w))        # (H, W)
+  return {'rgb': rgb, 'logits': logits, 'mask': logits > 0,
+          'query_logits': np.asarray(out['masks'][0]), 'scores': np.asarray(out['scores'][0])}
+
+
+def overlay(rgb, weight):
+  """Blends MASK_RGB into rgb (H, W, 3) uint8 where weight (H, W) in [0, 1] is high."""
+  a = ALPHA * np.asarray(weight, np.float32)[..., None]
+  return (rgb * (1 - a) + MASK_RGB * a).round().astype(np.uint8)
+
+
+def query_panels(rgb, query_logits, scores):
+  """One panel per query: the image (long side PANEL_SIZE) with sigmoid(mask_n) over it and a
+  caption 'q<n>  S=<score>'. -> list of N_q (ph + CAPTION_HEIGHT, pw, 3) uint8 arrays."""
+  h, w = rgb.shape[:2]
+  scale = PANEL_SIZE / max(h, w)
+  ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+  small = np.asarray(Image.fromarray(rgb).resize((pw, ph), Image.BILINEAR))
+  probs = np.asarray(jax.nn.sigmoid(resize_logits(query_logits, ph, pw)))  # (N_q, ph, pw)
+  panels = []
+  for n, (p, s) in enumerate(zip(probs, scores)):
+    canvas = Image.new('RGB', (pw, ph + CAPTION_HEIGHT), 'white')
+    canvas.paste(Image.fromarray(overlay(small, p)), (0, 0))
+    ImageDraw.Draw(canvas).text((2, ph + 1), f'q{n}  S={s:.3f}', fill='black')
+    panels.append(np.asarray(canvas))
+  return panels
+
+
+def grid(panels, gap=4):
+  """Panels of one size -> a near-square grid (white gaps), row-major in query order."""
+  ph, pw, _ = panels[0].shape
+  cols = math.ceil(math.sqrt(len(panels)))
+  rows = math.ceil(len(panels) / cols)
+  out = np.full((rows * ph + (rows - 1) * gap, cols * pw + (cols - 1) * gap, 3), 255, np.uint8)
+  for k, panel in enumerate(panels):
+    r, c = divmod(k, cols)
+    out[r * (ph + gap):r * (ph + gap) + ph, c * (pw + gap):c * (pw + gap) + pw] = panel
+  return out
+
+
+def queries_path(out_path):
+  stem, _ = os.path.splitext(out_path)
+  return stem + '_queries.png'
+
+
+def write_outputs(result, out_path, per_query=False):
+  """Writes OUT.png (and OUT_queries.png) -> the paths written."""
+  folder = os.path.dirname(os.path.abspath(out_path))
+  if not os.path.isdir(folder):
+    raise ValueError(f'--out={out_path!r}: the folder {folder} does not exist')
+  Image.fromarray(overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
+  written = [out_path]
+  if per_query:
+    panels = query_panels(result['rgb'], result['query_logits'], result['scores'])
+    Image.fromarray(grid(panels)).save(queries_path(out_path), format='PNG')
+    written.append(queries_path(out_path))
+  return written
+
+
+def run(config, workdir, image_path, text, out_path, *, per_query=False, checkpoint=None,
+        best=False):
+  """Checks the inputs, restores the checkpoint, predicts, writes -> (result, paths written)."""
+  load_image(image_path, config.model.image_size)  # bad inputs fail before the restore
+  tokenize(config, text)
+  params, step = evaluate.restore_params(config, workdir, checkpoint, best)
+  result = predict(config, params, image_path, text)
+  result['step'] = step
+  return result, write_outputs(result, out_path, per_query)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for name in ('config', 'workdir', 'image', 'text', 'out'):
+    if FLAGS[name].value is None:
+      raise app.UsageError(f'--{name} is required')
+  try:
+    result, written = run(FLAGS.config, FLAGS.workdir, FLAGS.image, FLAGS.text, FLAGS.out,
+                          per_query=FLAGS.per_query, checkpoint=FLAGS.checkpoint,
+                          best=FLAGS.best)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(evaluate.error_message(e))
+  print(f'checkpoint step {result["step"]}: foreground {result["mask"].mean():.1%} of the image')
+  if FLAGS.per_query:
+    order = np.argsort(-result['scores'])
+    print('estimator scores (best first): '
+          + ', '.join(f'q{n}={result["scores"][n]:.3f}' for n in order))
+  print('written: ' + ', '.join(written))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

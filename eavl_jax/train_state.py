@@ -1,0 +1,81 @@
+"""The training state and its creation directly in its final sharding."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from eavl_jax import sharding as sharding_lib
+from eavl_jax.models import eavl
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # () int32: train steps done (micro-batches, with gradient accumulation)
+  params: Any
+  opt_state: Any
+  rng: jax.Array        # (2,) uint32 base key; step s uses fold_in(rng, s)
+
+
+def state_shardings(abstract_state, mesh, param_sharding):
+  """Parameters and optimizer state by `mesh.param_sharding`; step and RNG replicated."""
+  replicated = sharding_lib.replicated(mesh)
+  return TrainState(
+      step=replicated,
+      params=sharding_lib.tree_shardings(abstract_state.params, mesh, param_sharding),
+      opt_state=sharding_lib.tree_shardings(abstract_state.opt_state, mesh, param_sharding),
+      rng=replicated)
+
+
+def make_init_fn(model, model_config, tx):
+  inputs = eavl.dummy_inputs(model_config, 1)
+
+  def init(rng):
+    params_rng, train_rng = jax.random.split(rng)
+    params = model.init(params_rng, *inputs, train=False)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=train_rng)
+  return init
+
+
+def abstract_train_state(config, model, tx, mesh):
+  """-> (TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing."""
+  init = make_init_fn(model, config.model, tx)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return abstract, state_shardings(abstract, mesh, config.mesh.param_sharding)
+
+
+def uses_pretrained(model_config) -> bool:
+  return bool(model_config.vision_encoder.pretrained or model_config.text_encoder.pretrained)
+
+
+def create_train_state(config, model, tx, mesh, *, load_pretrained=True):
+  """Initialises the TrainState in place on the mesh (jit with out_shardings), then replaces the
+  encoders by the pretrained weights the config names.
+
+  Returns (state, shardings).
+  """
+  init = make_init_fn(model, config.model, tx)
+  abstract, shardings = abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  if load_pretrained and uses_pretrained(config.model):
+    from eavl_jax import weights  # pylint: disable=g-import-not-at-top
+    params = weights.load_pretrained_encoders(_host_params(state.params), config.model)
+    _check_same_structure(params, abstract.params)
+    # Adam's moments are zeros whatever the values, so the optimizer state stays valid.
+    state = state.replace(params=sharding_lib.put_global(params, shardings.params))
+  return state, shardings
+
+
+def _host_params(params):
+  """Fully addressable (replicated or single-process) parameters -> numpy on this host."""
+  return jax.tree.map(lambda x: jax.device_get(x) if x.is_fully_addressable else
+                      jax.device_get(jax.jit(lambda y: y, out_shardings=jax.sharding.NamedSharding(
+                          x.sharding.mesh, jax.sharding.PartitionSpec()))(x)), params)
+
+
+def _check_same_structure(params, abstract_params):
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), abstract_params)
+  if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+    raise ValueError('load_pretrained_encoders changed the parameter tree (names, shapes or dtypes)')

@@ -1,0 +1,370 @@
+"""The training loop: sharded train step, periodic validation, Orbax checkpoints, exact resume.
+
+Every count in `config.train` (num_steps, log / eval / checkpoint intervals) is in train steps.
+One train step processes global_batch_size / grad_accum_steps examples; the optimizer updates the
+parameters once every grad_accum_steps train steps (optax.MultiSteps), so one update always sees
+global_batch_size examples.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from eavl_jax import checkpointing
+from eavl_jax import input_pipeline
+from eavl_jax import losses
+from eavl_jax import metrics as metrics_lib
+from eavl_jax import optim
+from eavl_jax import sharding as sharding_lib
+from eavl_jax import train_state as train_state_lib
+from eavl_jax.models import eavl
+
+TRAIN_KEYS = ('image', 'input_ids', 'attention_mask', 'mask')
+# Test hook: SIGKILL this process right after the save of this step has been started.
+KILL_AFTER_STEP_ENV = 'EAVL_TEST_SIGKILL_AFTER_STEP'
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# ------------------------------------------------------------------ the step
+
+
+def make_train_step(model, tx, schedule, config, frozen):
+  """-> train_step(state, batch, rng) -> (state, metrics); pure, to be jitted.
+
+  frozen: tree of bools like the params; True leaves get no gradient (lr multiplier 0).
+  """
+  accum = config.optim.grad_accum_steps
+
+  def loss_of(params, batch, rng):
+    params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    out = model.apply({'params': params}, batch['image'], batch['input_ids'],
+                      batch['attention_mask'], train=True, rngs={'dropout': rng})
+    return losses.loss_fn(out['logits'], batch['mask'], config.loss)
+
+  def train_step(state, batch, rng):
+    loss, grads = jax.value_and_grad(loss_of)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step // accum)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+  batch = {k: sharding_lib.batch_sharding(mesh) for k in TRAIN_KEYS}
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_shardings, batch, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_predict_fn(model):
+  """-> jitted predict(params, batch) -> logits (B, S/4, S/4)."""
+  return jax.jit(lambda params, batch: model.apply(
+      {'params': params}, batch['image'], batch['input_ids'], batch['attention_mask'],
+      train=False)['logits'])
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def step_counts(config, num_train_examples):
+  """-> (examples per train step, total train steps, total optimizer updates)."""
+  tr, accum = config.train, config.optim.grad_accum_steps
+  if tr.global_batch_size % accum:
+    raise ValueError(f'train.global_batch_size={tr.global_batch_size} is not divisible by '
+                     f'optim.grad_accum_steps={accum}')
+  micro_batch = tr.global_batch_size // accum
+  if tr.num_steps > 0:
+    if tr.num_steps % accum:
+      raise ValueError(f'train.num_steps={tr.num_steps} is not a multiple of '
+                       f'optim.grad_accum_steps={accum}')
+    total_updates = tr.num_steps // accum
+  else:
+    total_updates = tr.num_epochs * num_train_examples // tr.global_batch_size
+  if total_updates < 1:
+    raise ValueError(f'{num_train_examples} training examples, train.num_epochs={tr.num_epochs} '
+                     f'and global_batch_size={tr.global_batch_size} give no optimizer step')
+  return micro_batch, total_updates * accum, total_updates
+
+
+def check_batch_split(name, batch_size, mesh, axes):
+  """The batch must split evenly over processes and over the devices of `axes`."""
+  devices = int(np.prod([mesh.shape[a] for a in axes]))
+  if batch_size % jax.process_count() or batch_size % devices:
+    raise ValueError(f'{name}={batch_size} must be divisible by the {jax.process_count()} '
+                     f'process(es) and by the {devices} devices it is split over')
+
+
+# ------------------------------------------------------------------ data
+
+
+def prepare_data(config, workdir):
+  """Synthetic data set with no data_dir: generate and build it under <workdir>/data once."""
+  if config.data.dataset != 'synthetic' or config.data.data_dir:
+    return config
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  root = os.path.join(workdir, 'data')
+  data_dir = os.path.join(root, 'tfds')
+  done = os.path.join(root, 'BUILT')
+  if jax.process_index() == 0 and not os.path.exists(done):
+    n = config.data.synthetic_images
+    logging.info('generating %d synthetic images into %s', n, root)
+    counts = synthetic.generate(os.path.join(root, 'raw'), n, config.seed)
+    logging.info('synthetic refs per split: %s', counts)
+    build.build('synthetic', os.path.join(root, 'raw'), os.path.join(root, 'raw', 'images'),
+                data_dir, log=logging.info)
+    open(done, 'w').close()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('synthetic data built')
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.data_dir = data_dir
+  return config
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def denormalize(image):
+  return np.clip(image * input_pipeline.STD_RGB + input_pipeline.MEAN_RGB, 0, 255).astype(np.uint8)
+
+
+def overlay(images, logits, masks_orig, sizes):
+  """(N,S,S,3) normalised, (N,S/4,S/4), (N,M,M), (N,2) -> (N,S,2S,3) uint8:
+  prediction in red (left) and ground truth in green (right) over the input."""
+  out = []
+  for image, logit, mask, (h, w) in zip(images, logits, masks_orig, sizes):
+    rgb = denormalize(image).astype(np.float32)
+    s = rgb.shape[0]
+    pred = np.kron(logit > 0, np.ones((s // logit.shape[0],) * 2))                # (S, S)
+    rows, cols = np.arange(s) * h // s, np.arange(s) * w // s
+    gt = mask[rows][:, cols] > 0                                                  # (S, S)
+    left, right = rgb.copy(), rgb.copy()
+    left[pred > 0] = 0.5 * left[pred > 0] + [127, 0, 0]
+    right[gt] = 0.5 * right[gt] + [0, 127, 0]
+    out.append(np.concatenate([left, right], axis=1).astype(np.uint8))
+  return np.stack(out)
+
+
+def evaluate(config, predict, params, mesh, split, num_images=0):
+  """-> (metrics dict from metrics.summarize, prediction overlays (N, S, 2S, 3) or None)."""
+  pc = jax.process_count()
+  local_batch = config.train.eval_batch_size // pc
+  loader = input_pipeline.make_eval_loader(config, split, shard_index=jax.process_index(),
+                                           shard_count=pc, batch_size=local_batch)
+  num_batches = metrics_lib.num_eval_batches(input_pipeline.num_examples(config, split), pc,
+                                             local_batch)
+  first = {}
+  take = jax.jit(lambda *xs: [x[:num_images] for x in xs],
+                 out_shardings=sharding_lib.replicated(mesh))
+
+  def predict_fn(batch):
+    logits = predict(params, batch)
+    if num_images and not first:
+      first['arrays'] = take(batch['image'], logits, batch['mask_orig'], batch['orig_size'])
+    return logits
+  result = metrics_lib.evaluate_loader(predict_fn, loader, mesh=mesh, num_batches=num_batches)
+  images = overlay(*[np.asarray(x) for x in first['arrays']]) if first else None
+  return result, images
+
+
+def format_table(split, step, result):
+  keys = metrics_lib.METRIC_KEYS
+  head = ' '.join(f'{k:>7}' for k in keys)
+  row = ' '.join(f'{100 * result[k]:7.2f}' for k in keys)
+  return (f'validation on {split} ({result["samples"]} expressions, step {step}), in %:\n'
+          f'{head}\n{row}')
+
+
+# ------------------------------------------------------------------ logging
+
+
+class Writer:
+  """TensorBoard (workdir/tb) and workdir/metrics.jsonl, on process 0 only."""
+
+  def __init__(self, workdir):
+    self._active = jax.process_index() == 0
+    if self._active:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def scalars(self, step, values):
+    if not self._active:
+      return
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self._jsonl.flush()
+
+  def images(self, step, name, images):
+    if self._active and images is not None:
+      self._tb.add_images(name, images, step, dataformats='NHWC')
+
+  def close(self):
+    if self._active:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class _Preemption:
+  """SIGTERM -> stop at the next step (single process); multi-host: JAX's preemption sync point."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step):
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service not running
+        return False
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _flush(pending, writer, bar):
+  """Fetches the metrics of the steps run since the last flush; logs their mean; NaN check."""
+  if not pending:
+    return
+  steps = [s for s, _ in pending]
+  values = jax.device_get([m for _, m in pending])
+  pending.clear()
+  for step, m in zip(steps, values):
+    bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
+    if bad:
+      raise NonFiniteLossError(
+          f'{" and ".join(bad)} is not finite at step {step} (loss={float(m["loss"])}, '
+          f'grad_norm={float(m["grad_norm"])}): training stopped; the last checkpoint before '
+          f'this step is kept')
+  mean = {f'train/{k}': float(np.mean([m[k] for m in values])) for k in ('loss', 'grad_norm')}
+  mean['train/lr'] = float(values[-1]['lr'])
+  writer.scalars(steps[-1], mean)
+  bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', lr=f'{mean["train/lr"]:.2e}')
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from workdir's latest checkpoint), validates, checkpoints; returns the last
+  validation metrics (or None with evaluation off)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config = prepare_data(config, workdir)
+  tr = config.train
+  main = jax.process_index() == 0
+  pc = jax.process_count()
+  if main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding_lib.make_mesh(config.mesh)
+  micro_batch, total_steps, total_updates = step_counts(
+      config, input_pipeline.num_examples(config, config.data.train_split))
+  check_batch_split('train.global_batch_size / optim.grad_accum_steps', micro_batch, mesh,
+                    sharding_lib.BATCH_AXES)
+  evaluating = tr.eval_every_steps > 0
+  if evaluating:
+    check_batch_split('train.eval_batch_size', tr.eval_batch_size, mesh, ('data',))
+
+  model = eavl.build_model(config.model)
+  tx, schedule = optim.make_optimizer(config.optim, total_updates)
+  manager = checkpointing.make_manager(workdir, tr)
+  train_iter = input_pipeline.make_train_loader(config, seed=config.seed,
+                                                shard_index=jax.process_index(),
+                                                shard_count=pc, batch_size=micro_batch // pc)
+  latest = manager.latest_step()
+  if latest is None:
+    state, shardings = train_state_lib.create_train_state(config, model, tx, mesh)
+  else:
+    abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
+    state = checkpointing.restore(manager, latest, abstract, shardings, train_iter)
+    logging.info('resumed from %s at step %d', manager.directory, latest)
+  start = int(jax.device_get(state.step))
+  base_rng = jnp.asarray(jax.device_get(state.rng))
+  frozen = optim.frozen_mask(config.optim, state.params)
+  train_step = jit_train_step(make_train_step(model, tx, schedule, config, frozen), shardings, mesh)
+  step_rng = jax.jit(jax.random.fold_in, out_shardings=sharding_lib.replicated(mesh))
+  predict = make_predict_fn(model)
+  logging.info('training: %d steps (%d optimizer updates of %d examples) from step %d on %d '
+               'device(s), mesh %s', total_steps, total_updates, tr.global_batch_size, start,
+               jax.device_count(), dict(mesh.shape))
+
+  writer = Writer(workdir)
+  preemption = _Preemption()
+  kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, '-1'))
+  bar = tqdm.tqdm(total=total_steps, initial=start, disable=not main, desc='train',
+                  dynamic_ncols=True, file=sys.stderr)
+  pending, result, last_eval = [], None, None
+  try:
+    for step in range(start + 1, total_steps + 1):   # `step`: train steps done after this one
+      host_batch = next(train_iter)
+      batch = sharding_lib.global_batch({k: host_batch[k] for k in TRAIN_KEYS}, mesh)
+      state, metrics = train_step(state, batch, step_rng(base_rng, step - 1))
+      pending.append((step, metrics))
+      bar.update(1)
+      last = step == total_steps
+      preempted = preemption.reached(step)
+      evaluate_now = evaluating and (step % tr.eval_every_steps == 0 or last)
+      save_now = (step % tr.checkpoint_every_steps == 0 or last or evaluate_now or preempted)
+      if step % tr.log_every_steps == 0 or save_now:
+        _flush(pending, writer, bar)
+      eval_metrics = None
+      if evaluate_now:
+        result, images = evaluate(config, predict, state.params, mesh, config.data.val_split,
+                                  tr.num_eval_images)
+        last_eval = step
+        eval_metrics = {checkpointing.BEST_METRIC: result[checkpointing.BEST_METRIC]}
+        writer.scalars(step, {f'val/{k}': result[k] for k in metrics_lib.METRIC_KEYS})
+        writer.images(step, 'val/predictions', images)
+        bar.write(format_table(config.data.val_split, step, result))
+      if save_now:
+        checkpointing.save(manager, step, state, train_iter, metrics=eval_metrics)
+      if step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+      if preempted:
+        manager.wait_until_finished()
+        bar.close()
+        logging.warning('preempted (SIGTERM): saved step %d to %s; exiting', step,
+                        manager.directory)
+        print(f'preempted: checkpoint of step {step} saved in {manager.directory}', flush=True)
+        return result
+    _flush(pending, writer, bar)
+    bar.close()
+    if evaluating and last_eval is None:   # resumed at the end: evaluate what is there
+      result, _ = evaluate(config, predict, state.params, mesh, config.data.val_split)
+      last_eval = start
+    manager.wait_until_finished()
+  finally:
+    preemption.close()
+    writer.close()
+    manager.close()   # waits for pending saves
+  if main and result is not None:
+    print(format_table(config.data.val_split, last_eval, result), flush=True)
+  return result

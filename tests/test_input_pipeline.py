@@ -1,0 +1,147 @@
+"""The grain input pipeline over the built synthetic records (in-process, tiny config)."""
+import collections
+import math
+import os
+import pickle
+
+import numpy as np
+from PIL import Image
+from pycocotools import coco as coco_api
+import pytest
+
+from configs import tiny
+from eavl_jax import input_pipeline
+
+
+@pytest.fixture(scope='module')
+def config(synthetic_records):
+  c = tiny.get_config()
+  c.data.data_dir = synthetic_records
+  c.data.num_workers = 0
+  return c
+
+
+@pytest.fixture(scope='module')
+def source(synthetic_raw):
+  with open(os.path.join(synthetic_raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    refs = pickle.load(f)
+  return {r['ref_id']: r for r in refs}, coco_api.COCO(
+      os.path.join(synthetic_raw, 'synthetic', 'instances.json'))
+
+
+def _train(config, seed=0, shard_index=0, shard_count=1, batch_size=4):
+  return input_pipeline.make_train_loader(config, seed=seed, shard_index=shard_index,
+                                          shard_count=shard_count, batch_size=batch_size)
+
+
+def _refs_in(split, refs):
+  return sorted(r['ref_id'] for r in refs.values() if r['split'] == split)
+
+
+def test_train_batch_shapes_dtypes_and_values(config, source):
+  refs, coco = source
+  batch = next(_train(config, batch_size=4))
+  s, l = config.model.image_size, config.model.max_tokens
+  expected = {'image': ((4, s, s, 3), np.float32), 'input_ids': ((4, l), np.int32),
+              'attention_mask': ((4, l), np.int32), 'mask': ((4, s, s), np.uint8),
+              'ref_id': ((4,), np.int32)}
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  pixels = batch['image'] * input_pipeline.STD_RGB + input_pipeline.MEAN_RGB
+  assert pixels.min() > -0.5 and pixels.max() < 255.5 and pixels.std() > 10
+  for i, ref_id in enumerate(batch['ref_id']):
+    ann = coco.anns[refs[int(ref_id)]['ann_id']]
+    want = np.asarray(Image.fromarray(coco.annToMask(ann)).resize((s, s), Image.NEAREST))
+    np.testing.assert_array_equal(batch['mask'][i], want)
+    # The tokens are one of the ref's sentences.
+    n = batch['attention_mask'][i].sum()
+    from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+    text = hub.load_tokenizer(config.model.text_encoder).decode(batch['input_ids'][i][1:n - 1])
+    assert text in [t['raw'] for t in refs[int(ref_id)]['sentences']]
+
+
+def test_same_seed_same_order_and_each_epoch_a_new_permutation(config, source):
+  refs, _ = source
+  n = input_pipeline.num_examples(config, 'train')
+  assert n == len(_refs_in('train', refs))
+  take = lambda it, k: [int(next(it)['ref_id'][0]) for _ in range(k)]
+  a = take(_train(config, seed=1, batch_size=1), 2 * n)
+  assert a == take(_train(config, seed=1, batch_size=1), 2 * n)
+  assert a[:n] != take(_train(config, seed=2, batch_size=1), n)
+  assert sorted(a[:n]) == sorted(a[n:]) == _refs_in('train', refs)
+  assert a[:n] != a[n:]
+
+
+def test_restored_state_continues_exactly(config):
+  it = _train(config, seed=3, batch_size=2)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(4)]
+  restored = _train(config, seed=3, batch_size=2)      # a fresh loader, as after a restart
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_two_shards_disjoint_and_complete(config, source):
+  refs, _ = source
+  shards = []
+  for index in range(2):
+    it = _train(config, seed=0, shard_index=index, shard_count=2, batch_size=1)
+    epoch = []                   # the shard's first epoch: everything before the first repeat
+    while (ref_id := int(next(it)['ref_id'][0])) not in epoch:
+      epoch.append(ref_id)
+    shards.append(epoch)
+  assert not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == _refs_in('train', refs)
+
+
+def test_all_sentences_mode(config, source):
+  refs, _ = source
+  config = config.copy_and_resolve_references()
+  config.data.sentences = 'all'
+  n = input_pipeline.num_examples(config, 'train')
+  assert n == sum(len(refs[r]['sentences']) for r in _refs_in('train', refs))
+  it = _train(config, batch_size=1)
+  seen = collections.Counter(int(next(it)['ref_id'][0]) for _ in range(n))
+  assert seen == {r: len(refs[r]['sentences']) for r in _refs_in('train', refs)}
+
+
+@pytest.mark.parametrize('shard_count, batch_size', [(1, 4), (2, 3)])
+def test_eval_every_sentence_once_across_processes(config, source, shard_count, batch_size):
+  refs, coco = source
+  m = config.data.eval_max_size
+  s = config.model.image_size
+  want = {(r, j) for r in _refs_in('val', refs) for j in range(len(refs[r]['sentences']))}
+  assert input_pipeline.num_examples(config, 'val') == len(want)
+  seen, batch_counts = [], []
+  for index in range(shard_count):
+    batches = list(input_pipeline.make_eval_loader(config, 'val', shard_index=index,
+                                                   shard_count=shard_count, batch_size=batch_size))
+    batch_counts.append(len(batches))
+    for b in batches:
+      assert b['image'].shape == (batch_size, s, s, 3) and b['mask_orig'].shape == (batch_size, m, m)
+      assert b['valid'].dtype == np.bool_ and b['orig_size'].dtype == np.int32
+      for i in np.flatnonzero(b['valid']):
+        ref = refs[int(b['ref_id'][i])]
+        image = coco.imgs[ref['image_id']]
+        h, w = b['orig_size'][i]
+        assert (h, w) == (image['height'], image['width'])
+        np.testing.assert_array_equal(b['mask_orig'][i, :h, :w], coco.annToMask(coco.anns[ref['ann_id']]))
+        assert not b['mask_orig'][i, h:].any() and not b['mask_orig'][i, :, w:].any()
+        seen.append((int(b['ref_id'][i]), int(b['sentence_index'][i])))
+      assert not b['mask_orig'][~b['valid']].any() and (b['ref_id'][~b['valid']] == -1).all()
+  assert len(set(batch_counts)) == 1
+  assert sorted(seen) == sorted(want)
+  assert batch_counts[0] == math.ceil(math.ceil(len(want) / shard_count) / batch_size)
+
+
+def test_missing_records_and_unknown_split_are_clear_errors(config, tmp_path):
+  c = config.copy_and_resolve_references()
+  with pytest.raises(ValueError, match='no split'):
+    input_pipeline.num_examples(c, 'testC')
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match='no eavl_refer/synthetic records'):
+    input_pipeline.num_examples(c, 'train')

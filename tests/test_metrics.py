@@ -1,0 +1,161 @@
+"""The metric code against pycocotools' maskUtils.iou, torch's bilinear resize and plain numpy."""
+import jax
+import numpy as np
+from pycocotools import mask as mask_utils
+import pytest
+import torch
+
+from configs import base
+from eavl_jax import metrics
+from eavl_jax import sharding
+
+CANVAS = 48
+
+
+def numpy_summary(ious_or_iu):
+  """Plain-numpy reference of DESIGN.md's definitions from a list of (I, U) pairs."""
+  i = np.array([p[0] for p in ious_or_iu], np.float64)
+  u = np.array([p[1] for p in ious_or_iu], np.float64)
+  iou = np.array([a / b if b > 0 else 0.0 for a, b in zip(i, u)])
+  ref = {'oIoU': i.sum() / u.sum(), 'mIoU': iou.mean(), 'samples': len(iou)}
+  for x in (0.5, 0.6, 0.7, 0.8, 0.9):
+    ref[f'Pr@{x}'] = np.mean([v >= x - 1e-12 for v in iou])  # ">=", exact fractions included
+  return ref
+
+
+def random_masks(rng, n):
+  """n (pred, gt) pairs of random sizes; some empty, some identical, some disjoint."""
+  pairs = []
+  for k in range(n):
+    h, w = rng.integers(1, 30, size=2)
+    pred = rng.random((h, w)) < rng.random()
+    gt = rng.random((h, w)) < rng.random()
+    if k % 7 == 0:
+      pred[:] = False
+    if k % 11 == 0:
+      gt[:] = False
+    if k % 13 == 0:
+      pred = gt.copy()
+    pairs.append((pred, gt))
+  return pairs
+
+
+def on_canvas(masks, m=CANVAS):
+  out = np.zeros((len(masks), m, m), np.uint8)
+  for k, x in enumerate(masks):
+    out[k, :x.shape[0], :x.shape[1]] = x
+  return out
+
+
+def test_canvas_iou_equals_pycocotools_and_numpy():
+  rng = np.random.default_rng(0)
+  pairs = random_masks(rng, 60)
+  pairs.append((np.zeros((5, 4), bool), np.zeros((5, 4), bool)))  # both empty: IoU 0
+  pred, gt = on_canvas([p for p, _ in pairs]), on_canvas([g for _, g in pairs])
+  pred[:, -1, :] = 1  # foreground outside every (H, W) box must not count
+  sizes = np.array([g.shape for _, g in pairs], np.int32)
+  i, u = jax.jit(metrics.canvas_intersection_union)(pred > 0, gt, sizes)
+  i, u = np.asarray(i), np.asarray(u)
+  for k, (p, g) in enumerate(pairs):
+    assert i[k] == np.logical_and(p, g).sum() and u[k] == np.logical_or(p, g).sum()
+    rle = lambda a: mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))
+    coco_iou = mask_utils.iou([rle(p)], [rle(g)], [0])[0, 0]
+    assert metrics.summarize(i[k:k + 1], u[k:k + 1])['mIoU'] == pytest.approx(coco_iou, abs=1e-12)
+  got = metrics.summarize(i, u)
+  ref = numpy_summary(list(zip(i, u)))
+  assert got.keys() == set(metrics.METRIC_KEYS) | {'samples'}
+  for key, value in ref.items():
+    assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_precision_thresholds_are_inclusive_and_empty_union_is_zero():
+  # IoUs 1/2, 3/5, 7/10, 4/5, 9/10, 1, 0/0 (empty union) and 0.
+  i = np.array([1, 3, 7, 4, 9, 5, 0, 0])
+  u = np.array([2, 5, 10, 5, 10, 5, 0, 6])
+  got = metrics.summarize(i, u)
+  assert got['samples'] == 8
+  assert got['Pr@0.5'] == 6 / 8 and got['Pr@0.6'] == 5 / 8 and got['Pr@0.7'] == 4 / 8
+  assert got['Pr@0.8'] == 3 / 8 and got['Pr@0.9'] == 2 / 8
+  assert got['mIoU'] == pytest.approx((0.5 + 0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 8)
+  assert got['oIoU'] == pytest.approx(29 / 43)
+  with pytest.raises(ValueError, match='intersection'):
+    metrics.summarize([3], [2])
+
+
+def torch_upsample(logits, size):
+  x = torch.from_numpy(logits.astype(np.float64))[None, None]
+  return torch.nn.functional.interpolate(x, size=tuple(int(s) for s in size), mode='bilinear',
+                                         align_corners=False)[0, 0].numpy()
+
+
+def test_upsample_and_threshold_match_torch_bilinear():
+  rng = np.random.default_rng(1)
+  b, h, w = 6, 8, 8
+  logits = rng.normal(size=(b, h, w)).astype(np.float32)
+  # Up, down (smaller than the logit map), non-square, and the full canvas.
+  sizes = np.array([[37, 21], [5, 6], [8, 8], [CANVAS, CANVAS], [30, CANVAS], [1, 1]], np.int32)
+  gts = [rng.random(s) < 0.4 for s in sizes]
+  canvas = np.asarray(jax.jit(metrics.upsample_to_canvas, static_argnums=2)(logits, sizes, CANVAS))
+  i, u = jax.jit(metrics.batch_intersection_union)(logits, on_canvas(gts), sizes)
+  for k, (hh, ww) in enumerate(sizes):
+    ref = torch_upsample(logits[k], (hh, ww))
+    np.testing.assert_allclose(canvas[k, :hh, :ww], ref, atol=1e-5)
+    assert not canvas[k, hh:].any() and not canvas[k, :, ww:].any()
+    ambiguous = int((np.abs(ref) < 1e-5).sum())  # pixels whose sign rounding could flip
+    pred = ref > 0
+    assert abs(int(i[k]) - np.logical_and(pred, gts[k]).sum()) <= ambiguous
+    assert abs(int(u[k]) - np.logical_or(pred, gts[k]).sum()) <= ambiguous
+
+
+def test_logits_on_canvas_reproduce_ground_truth():
+  rng = np.random.default_rng(2)
+  gts = [rng.random((20, 33)) < 0.5, np.zeros((7, 9), bool), rng.random((CANVAS, 3)) < 0.5]
+  mask = on_canvas(gts)
+  sizes = np.array([g.shape for g in gts], np.int32)
+  i, u = metrics.batch_intersection_union(mask * 2.0 - 1.0, mask, sizes, logits_on_canvas=True)
+  got = metrics.summarize(i, u)
+  assert got['samples'] == 3 and got['oIoU'] == 1.0
+  assert got['mIoU'] == pytest.approx(2 / 3)  # the empty ground truth: empty union, IoU 0
+
+
+class ListLoader:
+  def __init__(self, batches):
+    self.batches = batches
+
+  def __iter__(self):
+    return iter(self.batches)
+
+
+def make_batch(rng, b, valid):
+  sizes = rng.integers(4, CANVAS, size=(b, 2)).astype(np.int32)
+  gts = [rng.random(s) < 0.5 for s in sizes]
+  return {'image': np.zeros((b, 8, 8, 3), np.float32), 'input_ids': np.zeros((b, 4), np.int32),
+          'attention_mask': np.ones((b, 4), np.int32), 'mask_orig': on_canvas(gts),
+          'orig_size': sizes, 'valid': np.asarray(valid, bool)}
+
+
+def test_evaluate_loader_counts_valid_samples_only():
+  rng = np.random.default_rng(3)
+  mesh = sharding.make_mesh(base.get_config().mesh)
+  batches = [make_batch(rng, 4, [True] * 4), make_batch(rng, 4, [True, True, False, False])]
+  noisy = {id(b): rng.normal(size=(4, CANVAS, CANVAS)).astype(np.float32) for b in batches}
+  for b in batches:  # the padded samples predict noise: they must change nothing
+    noisy[id(b)][b['valid']] = b['mask_orig'][b['valid']] * 2.0 - 1.0
+  queue = [noisy[id(b)] for b in batches]
+  predict = lambda g: queue.pop(0)
+  got = metrics.evaluate_loader(predict, ListLoader(batches), mesh=mesh, logits_on_canvas=True)
+  assert got['samples'] == 6
+  assert got['oIoU'] == 1.0 and got['mIoU'] == 1.0 and got['Pr@0.9'] == 1.0
+
+  # A shorter shard is padded with invalid batches up to num_batches; those never count.
+  background = lambda g: -np.ones((4, 8, 8), np.float32)
+  got = metrics.evaluate_loader(background, ListLoader(batches), mesh=mesh, num_batches=3)
+  assert got['samples'] == 6 and got['oIoU'] == 0.0 and got['Pr@0.5'] == 0.0
+  with pytest.raises(ValueError, match='num_batches'):
+    metrics.evaluate_loader(background, ListLoader(batches), mesh=mesh, num_batches=1)
+
+
+def test_num_eval_batches():
+  assert metrics.num_eval_batches(10, 1, 4) == 3
+  assert metrics.num_eval_batches(10, 3, 2) == 2  # shards of at most 4 examples
+  assert metrics.num_eval_batches(8, 2, 4) == 1

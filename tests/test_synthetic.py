@@ -1,0 +1,112 @@
+"""The synthetic referring task: deterministic, refer layout, and every expression unique."""
+import collections
+import json
+import os
+import pickle
+
+import numpy as np
+from PIL import Image
+from pycocotools import coco as coco_api
+import pytest
+
+from data_prep import synthetic
+
+# Area of a shape of circumradius r, over r² (geometry of synthetic._polygon's outlines).
+_AREA_OVER_R2 = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4, 'diamond': 2.5}
+
+
+def _load(out):
+  with open(os.path.join(out, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    refs = pickle.load(f)
+  coco = coco_api.COCO(os.path.join(out, 'synthetic', 'instances.json'))
+  return refs, coco
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+  files = {}
+  for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+    out = tmp_path / name
+    synthetic.generate(str(out), 5, seed)
+    files[name] = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
+  assert files['a'] == files['b']
+  assert files['a'] != files['c']
+
+
+def test_layout_and_splits(synthetic_raw):
+  refs, coco = _load(synthetic_raw)
+  for ref in refs:
+    assert {'ref_id', 'ann_id', 'image_id', 'split', 'sentences', 'sent_ids', 'category_id',
+            'file_name'} <= set(ref)
+    assert 1 <= len(ref['sentences']) <= 3
+    assert [s['sent_id'] for s in ref['sentences']] == ref['sent_ids']
+    for s in ref['sentences']:
+      assert s['raw'] and s['tokens'] == s['raw'].split()
+    assert coco.anns[ref['ann_id']]['image_id'] == ref['image_id']
+    assert coco.anns[ref['ann_id']]['category_id'] == ref['category_id']
+    image = coco.imgs[ref['image_id']]
+    with Image.open(os.path.join(synthetic_raw, 'images', image['file_name'])) as im:
+      assert im.format == 'JPEG' and im.size == (image['width'], image['height'])
+  split_of_image = collections.defaultdict(set)
+  for ref in refs:
+    split_of_image[ref['image_id']].add(ref['split'])
+  assert all(len(s) == 1 for s in split_of_image.values()), 'an image in two splits'
+  assert set().union(*split_of_image.values()) == {'train', 'val', 'testA', 'testB'}
+  kinds = collections.Counter()
+  for ann in coco.anns.values():
+    seg = ann['segmentation']
+    kinds['polygon' if isinstance(seg, list) else
+          'rle' if isinstance(seg['counts'], str) else 'rle_uncompressed'] += 1
+  assert set(kinds) == {'polygon', 'rle', 'rle_uncompressed'}
+
+
+def test_annotations_agree_with_pixels(synthetic_raw):
+  """Recorded colour, size and centre match the image and the mask decoded by pycocotools."""
+  _, coco = _load(synthetic_raw)
+  palette = np.asarray(list(synthetic.COLOURS.values()), np.float32)
+  names = list(synthetic.COLOURS)
+  for ann in coco.anns.values():
+    image = coco.imgs[ann['image_id']]
+    pixels = np.asarray(Image.open(os.path.join(synthetic_raw, 'images', image['file_name'])),
+                        np.float32)
+    m = coco.annToMask(ann).astype(bool)
+    kind = coco.cats[ann['category_id']]['name']
+    ys, xs = np.nonzero(m)
+    assert abs(xs.mean() + 0.5 - ann['center'][0]) < 1.0 and abs(ys.mean() + 0.5 - ann['center'][1]) < 1.0
+    radius = np.sqrt(m.sum() / _AREA_OVER_R2[kind])
+    assert (radius > 13.5) == (ann['size'] == 'large'), (ann['id'], radius, ann['size'])
+    inner = m & np.roll(m, 2, 0) & np.roll(m, -2, 0) & np.roll(m, 2, 1) & np.roll(m, -2, 1)
+    mean_colour = pixels[inner].mean(0)
+    assert names[int(np.argmin(np.abs(palette - mean_colour).sum(1)))] == ann['colour']
+
+
+def _shapes_from_files(coco, image_id):
+  anns = coco.imgToAnns[image_id]
+  shapes = [synthetic.Shape(coco.cats[a['category_id']]['name'], a['colour'], a['size'],
+                            a['center'][0], a['center'][1], 0.0) for a in anns]
+  return shapes, [a['id'] for a in anns]
+
+
+def test_every_expression_denotes_its_target_alone(synthetic_raw):
+  refs, coco = _load(synthetic_raw)
+  families = collections.Counter()
+  for ref in refs:
+    shapes, ann_ids = _shapes_from_files(coco, ref['image_id'])
+    for s in ref['sentences']:
+      expr = synthetic.parse(s['raw'])
+      assert synthetic.render(expr) == synthetic.render(synthetic.parse(synthetic.render(expr)))
+      assert [ann_ids[i] for i in synthetic.evaluate(expr, shapes)] == [ref['ann_id']], s['raw']
+      families['relation' if expr.relation else 'extreme' if expr.extreme else 'attribute'] += 1
+  assert set(families) == {'attribute', 'extreme', 'relation'}
+
+
+def test_kind_alone_is_ambiguous_in_most_refs(tmp_path):
+  synthetic.generate(str(tmp_path), 40, 1)
+  refs, coco = _load(str(tmp_path))
+  ambiguous = [sum(a['category_id'] == r['category_id'] for a in coco.imgToAnns[r['image_id']]) > 1
+               for r in refs]
+  assert np.mean(ambiguous) >= 0.5
+
+
+def test_parse_rejects_text_outside_the_grammar():
+  with pytest.raises(ValueError, match='outside the synthetic grammar'):
+    synthetic.parse('the purple hexagon')
