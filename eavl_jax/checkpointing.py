@@ -35,8 +35,9 @@ def make_manager(workdir, train_config=None, *, read_only=False) -> ocp.Checkpoi
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=not read_only, preservation_policy=policy,
       best_fn=lambda m: m[BEST_METRIC], best_mode='max', read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA_ITER),
-                               options=options)
+  handlers = {STATE: ocp.PyTreeCheckpointHandler(),
+              DATA_ITER: grain_checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
 
 class _IteratorState:
@@ -64,7 +65,7 @@ class _IteratorState:
 def save(manager, step, state, data_iter, metrics=None):
   """Starts an asynchronous save of `state` and `data_iter.get_state()` at `step`."""
   args = ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
+      STATE: ocp.args.PyTreeSave(serialization.to_state_dict(state)),
       DATA_ITER: grain_checkpoint.CheckpointSave(_IteratorState(data_iter.get_state())),
   })
   manager.save(step, args=args, metrics=metrics, force=True)
@@ -103,17 +104,31 @@ def _restore_targets(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
+def saved_process_count(manager, step):
+  """How many processes wrote the iterator states of `step` (grain: process_<i>-of-<n>.json)."""
+  names = os.listdir(os.path.join(str(manager.directory), str(step), DATA_ITER))
+  counts = {int(n.split('-of-')[1].split('.')[0]) for n in names if n.startswith('process_')}
+  return counts.pop() if len(counts) == 1 else None
+
+
 def restore(manager, step, abstract_state, state_shardings, data_iter):
-  """Restores the TrainState of `step` (with the given shardings) and sets `data_iter`'s state."""
+  """Restores the TrainState of `step` (with the given shardings) and sets `data_iter`'s state.
+
+  Returns (state, iterator_restored). The iterator state is per process: it is restored only when
+  the checkpoint was written by as many processes as run now; otherwise `data_iter` is left as it
+  is (the caller decides where the data continue).
+  """
   where = os.path.join(str(manager.directory), str(step))
   target = serialization.to_state_dict(_restore_targets(abstract_state, state_shardings))
   check_compatible(_saved_state_metadata(manager, step), target, where)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(target),
-      DATA_ITER: grain_checkpoint.CheckpointRestore(_IteratorState()),
-  }))
-  data_iter.set_state(restored[DATA_ITER].state)
-  return serialization.from_state_dict(abstract_state, restored[STATE])
+  items = {STATE: ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))}
+  same_processes = saved_process_count(manager, step) == jax.process_count()
+  if same_processes:
+    items[DATA_ITER] = grain_checkpoint.CheckpointRestore(_IteratorState())
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if same_processes:
+    data_iter.set_state(restored[DATA_ITER].state)
+  return serialization.from_state_dict(abstract_state, restored[STATE]), same_processes
 
 
 def select_step(manager, step=None, best=False) -> int:

@@ -172,9 +172,12 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
   return step, results, path
 
 
-def error_message(e, limit=3000):
-  """'error: <message>' for the command line, cut to `limit` characters."""
-  text = str(e)
+def error_message(e, limit=600):
+  """'error: <message>' on one line (a multi-line message's lines joined by '; '), cut to `limit`
+  characters: what the command line prints instead of a traceback."""
+  text = ''
+  for line in filter(None, (line.strip() for line in str(e).splitlines())):
+    text += ('' if not text else ' ' if text.endswith(':') else '; ') + line
   return 'error: ' + (text if len(text) <= limit else text[:limit] + ' ...')
 
 

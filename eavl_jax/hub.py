@@ -5,7 +5,11 @@ import os
 import transformers
 
 
-def resolve_folder(spec: str) -> str:
+class NotCachedError(ValueError):
+  """A hub id whose files are not in the local HF cache (and downloading was not asked for)."""
+
+
+def resolve_folder(spec: str, download: bool = True) -> str:
   """Returns a local folder for `spec`.
 
   spec: a local folder; 'package:<module>' (the folder `model/` inside an installed package, e.g.
@@ -32,7 +36,8 @@ def resolve_folder(spec: str) -> str:
   try:
     return huggingface_hub.snapshot_download(spec, local_files_only=True)
   except Exception:  # pylint: disable=broad-except
-    pass
+    if not download:
+      raise NotCachedError(f'{spec!r} is neither a local folder nor in the HF cache') from None
   try:
     return huggingface_hub.snapshot_download(spec)
   except Exception as e:  # pylint: disable=broad-except

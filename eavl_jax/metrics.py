@@ -9,6 +9,7 @@ Images of a batch have different sizes, so the work is done on a fixed (M, M) ca
 M = config.data.eval_max_size: the ground truth sits top-left on it ('mask_orig'), each sample's
 logits are resized onto its own (H, W) box of it, and pixels outside the box never count.
 """
+import functools
 import math
 
 import jax
@@ -100,6 +101,13 @@ def _padding_like(batch):
   return {k: np.zeros_like(np.asarray(batch[k])) for k in EVAL_KEYS if k in batch}
 
 
+@functools.partial(jax.jit, static_argnames='logits_on_canvas')
+def _valid_intersection_union(logits, mask_orig, orig_size, valid, logits_on_canvas):
+  """batch_intersection_union with 0 for the padding (valid=False); compiled once per shape."""
+  i, u = batch_intersection_union(logits, mask_orig, orig_size, logits_on_canvas)
+  return jnp.where(valid, i, 0), jnp.where(valid, u, 0)
+
+
 def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_canvas=False,
                     padding_batch=None):
   """Runs predict_fn over every batch and returns `summarize` of the valid samples.
@@ -112,9 +120,7 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
     shorter continues with all-invalid batches (`padding_batch`, else zeros shaped like its last).
   Samples with valid=False (the padded tail) never count. Results are gathered over processes.
   """
-  metric = jax.jit(lambda logits, mask, size, valid: jax.tree.map(
-      lambda x: jnp.where(valid, x, 0),
-      batch_intersection_union(logits, mask, size, logits_on_canvas)))
+  metric = functools.partial(_valid_intersection_union, logits_on_canvas=logits_on_canvas)
   inters, unions, valids = [], [], []
   iterator = iter(loader)
   step = 0

@@ -129,11 +129,15 @@ def queries_path(out_path):
   return stem + '_queries.png'
 
 
-def write_outputs(result, out_path, per_query=False):
-  """Writes OUT.png (and OUT_queries.png) -> the paths written."""
+def check_out_path(out_path):
   folder = os.path.dirname(os.path.abspath(out_path))
   if not os.path.isdir(folder):
     raise ValueError(f'--out={out_path!r}: the folder {folder} does not exist')
+
+
+def write_outputs(result, out_path, per_query=False):
+  """Writes OUT.png (and OUT_queries.png) -> the paths written."""
+  check_out_path(out_path)
   Image.fromarray(overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
   written = [out_path]
   if per_query:
@@ -148,6 +152,7 @@ def run(config, workdir, image_path, text, out_path, *, per_query=False, checkpo
   """Checks the inputs, restores the checkpoint, predicts, writes -> (result, paths written)."""
   load_image(image_path, config.model.image_size)  # bad inputs fail before the restore
   tokenize(config, text)
+  check_out_path(out_path)
   params, step = evaluate.restore_params(config, workdir, checkpoint, best)
   result = predict(config, params, image_path, text)
   result['step'] = step

@@ -41,14 +41,20 @@ class NonFiniteLossError(FloatingPointError):
 # ------------------------------------------------------------------ the step
 
 
-def make_train_step(model, tx, schedule, config, frozen):
+def make_train_step(model, tx, schedule, config, frozen, mesh=None):
   """-> train_step(state, batch, rng) -> (state, metrics); pure, to be jitted.
 
   frozen: tree of bools like the params; True leaves get no gradient (lr multiplier 0).
+  mesh: with `mesh.param_sharding = 'fsdp'`, the sharded parameters are gathered (all-gather) for
+  the forward pass, so the batch stays split over every device and the gradients come back
+  reduce-scattered to their shards (ZeRO-3), instead of XLA splitting the compute by weights.
   """
   accum = config.optim.grad_accum_steps
+  gather = mesh is not None and config.mesh.param_sharding == 'fsdp'
 
   def loss_of(params, batch, rng):
+    if gather:
+      params = jax.lax.with_sharding_constraint(params, sharding_lib.replicated(mesh))
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     out = model.apply({'params': params}, batch['image'], batch['input_ids'],
                       batch['attention_mask'], train=True, rngs={'dropout': rng})
@@ -58,8 +64,9 @@ def make_train_step(model, tx, schedule, config, frozen):
     loss, grads = jax.value_and_grad(loss_of)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'lr': schedule(state.step // accum)}
+               'lr': schedule(state.step // accum), 'params_finite': params_finite}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
   return train_step
@@ -260,11 +267,13 @@ def _flush(pending, writer, bar):
   pending.clear()
   for step, m in zip(steps, values):
     bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
+    if not m['params_finite']:
+      bad.append('the updated parameters')
     if bad:
       raise NonFiniteLossError(
-          f'{" and ".join(bad)} is not finite at step {step} (loss={float(m["loss"])}, '
-          f'grad_norm={float(m["grad_norm"])}): training stopped; the last checkpoint before '
-          f'this step is kept')
+          f'{" and ".join(bad)} not finite at step {step} (loss={float(m["loss"])}, '
+          f'grad_norm={float(m["grad_norm"])}): training stopped; the checkpoints before this '
+          f'step are kept')
   mean = {f'train/{k}': float(np.mean([m[k] for m in values])) for k in ('loss', 'grad_norm')}
   mean['train/lr'] = float(values[-1]['lr'])
   writer.scalars(steps[-1], mean)
@@ -304,12 +313,24 @@ def train_and_evaluate(config, workdir):
     state, shardings = train_state_lib.create_train_state(config, model, tx, mesh)
   else:
     abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
-    state = checkpointing.restore(manager, latest, abstract, shardings, train_iter)
+    state, same_data_order = checkpointing.restore(manager, latest, abstract, shardings,
+                                                   train_iter)
     logging.info('resumed from %s at step %d', manager.directory, latest)
+    if not same_data_order:
+      # Documented fallback (docs/distributed.md): another process count cannot continue the
+      # saved per-process iterators; a new shuffled pass starts, seeded by (seed, step).
+      logging.warning('the checkpoint of step %d was written by %s processes, this job has %d: '
+                      'the training data continue with a new shuffle (seed %d + step) instead of '
+                      'the saved order', latest, checkpointing.saved_process_count(manager, latest),
+                      pc, config.seed)
+      train_iter = input_pipeline.make_train_loader(
+          config, seed=config.seed + latest, shard_index=jax.process_index(), shard_count=pc,
+          batch_size=micro_batch // pc)
   start = int(jax.device_get(state.step))
   base_rng = jnp.asarray(jax.device_get(state.rng))
   frozen = optim.frozen_mask(config.optim, state.params)
-  train_step = jit_train_step(make_train_step(model, tx, schedule, config, frozen), shardings, mesh)
+  train_step = jit_train_step(make_train_step(model, tx, schedule, config, frozen, mesh),
+                              shardings, mesh)
   step_rng = jax.jit(jax.random.fold_in, out_shardings=sharding_lib.replicated(mesh))
   predict = make_predict_fn(model)
   logging.info('training: %d steps (%d optimizer updates of %d examples) from step %d on %d '

@@ -1,5 +1,7 @@
-"""Session-wide data fixtures: a tiny synthetic data set, raw and built (shared by test files)."""
+"""Session-wide fixtures shared by test files: a tiny synthetic data set, raw and built, and a
+tiny model briefly trained on it."""
 import os
+import types
 
 import pytest
 
@@ -29,3 +31,29 @@ def synthetic_records(synthetic_raw, tmp_path_factory):
   build.build('synthetic', synthetic_raw, os.path.join(synthetic_raw, 'images'), data_dir,
               log=lambda *a: None)
   return data_dir
+
+
+TINY_TRAIN_STEPS = 2
+TINY_EVAL_MAX_SIZE = 128  # the synthetic images are 128 x 128
+
+
+@pytest.fixture(scope='session')
+def tiny_trained(synthetic_records, tmp_path_factory):
+  """configs/tiny.py trained TINY_TRAIN_STEPS steps on `synthetic_records` (one checkpoint, no
+  validation). Fields: workdir, steps, eval_max_size, config() -> a fresh copy of its config."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def config():
+    c = tiny.get_config()
+    c.data.data_dir = synthetic_records
+    c.data.eval_max_size = TINY_EVAL_MAX_SIZE
+    c.train.num_steps = TINY_TRAIN_STEPS
+    c.train.checkpoint_every_steps = TINY_TRAIN_STEPS
+    c.train.eval_every_steps = 0
+    return c
+
+  workdir = str(tmp_path_factory.mktemp('tiny_trained_run'))
+  trainer.train_and_evaluate(config(), workdir)
+  return types.SimpleNamespace(workdir=workdir, steps=TINY_TRAIN_STEPS,
+                               eval_max_size=TINY_EVAL_MAX_SIZE, config=config)

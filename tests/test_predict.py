@@ -3,47 +3,21 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 import torch
 
-from configs import tiny
-from eavl_jax import checkpointing
-from eavl_jax import model_info
-from eavl_jax import optim
 from eavl_jax import predict
-from eavl_jax import train_state
 
 IMAGE_HW = (45, 70)  # (H, W): not square, not the model's size
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _NoDataIterator:
-  def get_state(self):
-    return b'{}'
-
-
-@pytest.fixture(scope='module')
-def config():
-  return tiny.get_config()
-
-
-@pytest.fixture(scope='module')
-def init_workdir(config, tmp_path_factory):
-  """A checkpoint of random parameters (N(0, 0.02), made without compiling model.init), written
-  with the training's checkpoint API."""
-  workdir = str(tmp_path_factory.mktemp('predict_init_run'))
-  params = model_info.random_params(config.model)
-  tx, _ = optim.make_optimizer(config.optim, 10)
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  manager = checkpointing.make_manager(workdir, config.train)
-  checkpointing.save(manager, 0, state, _NoDataIterator())
-  manager.wait_until_finished()
-  manager.close()
-  return workdir
+def run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'eavl_jax.predict', '--config=configs/tiny.py',
+                         *args], capture_output=True, text=True, timeout=300, check=False,
+                        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
 @pytest.fixture(scope='module')
@@ -54,10 +28,12 @@ def image_path(tmp_path_factory):
   return path
 
 
-def test_writes_mask_png_of_image_size_and_query_grid(config, init_workdir, image_path, tmp_path):
+def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, tmp_path):
+  config = tiny_trained.config()
   out = str(tmp_path / 'out.png')
-  result, written = predict.run(config, init_workdir, image_path, 'the red circle', out,
+  result, written = predict.run(config, tiny_trained.workdir, image_path, 'the red circle', out,
                                 per_query=True)
+  assert result['step'] == tiny_trained.steps
   assert written == [out, str(tmp_path / 'out_queries.png')]
   with Image.open(out) as im:
     assert im.format == 'PNG' and im.size == IMAGE_HW[::-1]
@@ -77,6 +53,8 @@ def test_writes_mask_png_of_image_size_and_query_grid(config, init_workdir, imag
   np.testing.assert_allclose(result['logits'], ref, atol=1e-4)
   sure = np.abs(ref) > 1e-4
   np.testing.assert_array_equal(result['mask'][sure], ref[sure] > 0)
+
+  # --per_query: N_q panels of one size, in query order on a near-square grid.
   panels = predict.query_panels(result['rgb'], result['query_logits'], scores)
   assert len(panels) == n_q
   assert len({p.shape for p in panels}) == 1
@@ -87,34 +65,50 @@ def test_writes_mask_png_of_image_size_and_query_grid(config, init_workdir, imag
   cols = int(np.ceil(np.sqrt(n_q)))
   rows = int(np.ceil(n_q / cols))
   assert grid.shape == (rows * ph + (rows - 1) * 4, cols * pw + (cols - 1) * 4, 3)
-  for k, panel in enumerate(panels):  # every panel sits at its place in query order
+  for k, panel in enumerate(panels):
     r, c = divmod(k, cols)
-    np.testing.assert_array_equal(grid[r * (ph + 4):r * (ph + 4) + ph, c * (pw + 4):c * (pw + 4) + pw],
-                                  panel)
+    np.testing.assert_array_equal(
+        grid[r * (ph + 4):r * (ph + 4) + ph, c * (pw + 4):c * (pw + 4) + pw], panel)
+
+  # The command line (checkpoint given as a step folder) writes the same two images.
+  cli_out = str(tmp_path / 'cli.png')
+  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
+  proc = run_cli(f'--workdir={tmp_path}', f'--checkpoint={step_dir}', f'--image={image_path}',
+                 '--text=the red circle', f'--out={cli_out}', '--per_query')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'checkpoint step {tiny_trained.steps}' in proc.stdout
+  assert 'estimator scores (best first)' in proc.stdout
+  for ours, theirs in ((out, cli_out), (written[1], str(tmp_path / 'cli_queries.png'))):
+    np.testing.assert_array_equal(np.asarray(Image.open(theirs)), np.asarray(Image.open(ours)))
 
 
-def test_clear_errors(config, init_workdir, image_path, tmp_path):
+def test_clear_errors(tiny_trained, image_path, tmp_path):
+  config, workdir = tiny_trained.config(), tiny_trained.workdir
   not_image = tmp_path / 'notes.jpg'
   not_image.write_text('not an image')
   out = str(tmp_path / 'out.png')
-  with pytest.raises(ValueError, match='cannot read the image'):
-    predict.run(config, init_workdir, str(not_image), 'the cat', out)
-  with pytest.raises(ValueError, match='cannot read the image'):
-    predict.run(config, init_workdir, str(tmp_path / 'missing.png'), 'the cat', out)
-  with pytest.raises(ValueError, match='empty'):
-    predict.run(config, init_workdir, image_path, '   ', out)
-  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+  with pytest.raises(ValueError, match='cannot read the image .*notes.jpg'):
+    predict.run(config, workdir, str(not_image), 'the cat', out)
+  with pytest.raises(ValueError, match='cannot read the image .*missing.png'):
+    predict.run(config, workdir, str(tmp_path / 'missing.png'), 'the cat', out)
+  with pytest.raises(ValueError, match='expression .* is empty'):
+    predict.run(config, workdir, image_path, '   ', out)
+  with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     predict.run(config, str(tmp_path), image_path, 'the cat', out)
-  other = tiny.get_config()
+  with pytest.raises(ValueError, match='folder .* does not exist'):
+    predict.run(config, workdir, image_path, 'the cat', str(tmp_path / 'nowhere' / 'out.png'))
+  other = tiny_trained.config()
   other.model.hidden_dim = 48
   with pytest.raises(ValueError, match='another config'):
-    predict.run(other, init_workdir, image_path, 'the cat', out)
+    predict.run(other, workdir, image_path, 'the cat', out)
   assert not os.path.exists(out)
 
-  proc = subprocess.run(
-      [sys.executable, '-m', 'eavl_jax.predict', '--config=configs/tiny.py',
-       f'--workdir={init_workdir}', f'--image={not_image}', '--text=the cat', f'--out={out}'],
-      capture_output=True, text=True, timeout=300, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 1
-  assert 'error: cannot read the image' in proc.stderr and 'Traceback' not in proc.stderr
+  # The command line: one line naming the thing, no traceback.
+  cases = [((f'--image={not_image}', '--text=the cat'), f'error: cannot read the image '),
+           ((f'--image={image_path}', '--text='), "error: the expression --text='' is empty")]
+  for args, start in cases:
+    proc = run_cli(f'--workdir={workdir}', *args, f'--out={out}')
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+    assert line.startswith(start), line
+  assert not os.path.exists(out)

@@ -118,6 +118,8 @@ class EAVL(nn.Module):
 
 
 def build_model(model_config) -> EAVL:
+  from eavl_jax import weights  # pylint: disable=g-import-not-at-top
+  model_config = weights.with_checkpoint_text_sizes(model_config)  # BERT sizes from config.json
   validate_config(model_config)
   return EAVL(ml_collections.FrozenConfigDict(model_config))
 

@@ -1,0 +1,42 @@
+"""The embedded default: the synthetic referring task (data_prep/synthetic.py), generated and built
+under <workdir>/data on the first run, a small EAVL trained on it on CPU, then validated.
+
+  python -m eavl_jax.train --config=configs/synthetic.py --workdir=/tmp/eavl_synthetic
+"""
+from configs import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  m = c.model
+  m.image_size = 96
+  m.max_tokens = 16
+  m.hidden_dim = 64
+  m.num_queries = 4
+
+  v = m.vision_encoder
+  v.embed_dim = 32
+  v.depths = (1, 1, 2, 1)
+  v.num_heads = (2, 4, 4, 8)
+  v.window_size = 3
+
+  t = m.text_encoder
+  t.hidden_size = 64
+  t.num_hidden_layers = 2
+  t.num_attention_heads = 4
+  t.intermediate_size = 128
+
+  m.decoder.num_heads = 4
+  m.decoder.mlp_dim = 128
+
+  c.data.synthetic_images = 2000
+  c.data.eval_splits = ('val', 'testA', 'testB')
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 50
+  c.train.global_batch_size = 16
+  c.train.eval_batch_size = 32
+  c.train.num_steps = 1500
+  c.train.log_every_steps = 50
+  c.train.eval_every_steps = 500
+  c.train.checkpoint_every_steps = 500
+  return c
