@@ -3,19 +3,26 @@
   python benchmarks/dynamic_conv.py [--json_out=FILE] [--repeats=N]
 
 Forms: the vmapped `lax.conv_general_dilated` (the reference; XLA turns it into one grouped conv),
-an explicit grouped convolution (batch folded into channels, feature_group_count=B), and the shifted
-matmul form the model uses where it is fastest. Prints times and each form's ratio to the fastest.
+an explicit grouped convolution (batch folded into channels, feature_group_count=B), the shifted
+matmul form with its custom backward, and the same forward differentiated by JAX (the backward it
+replaced). Prints times and each form's ratio to the fastest, then the form the model uses
+(`model.aligner.conv_impl` of configs/base.py, resolved on this backend) against the goal: within
+1.1x of the fastest form measured on the backend.
 """
 import argparse
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from eavl_jax.models import dynamic_conv
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # pylint: disable=wrong-import-position
+from configs import base  # pylint: disable=wrong-import-position
+from eavl_jax.models import dynamic_conv  # pylint: disable=wrong-import-position
 
 SHAPES = {  # name: (B, H, W, C_p, N_q)
     'paper (B=4, 120², C_p=256, N_q=24)': (4, 120, 120, 256, 24),
@@ -35,17 +42,10 @@ def grouped_conv(features, kernels, bias):
 
 
 FORMS = {'vmap_conv': dynamic_conv.vmap_conv, 'grouped_conv': grouped_conv,
-         'shifted_matmul': dynamic_conv.shifted_matmul}
-
-
-def time_fn(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+         'shifted_matmul': dynamic_conv.shifted_matmul,
+         # the same forward, backward by JAX's autodiff (before the custom VJP)
+         'shifted_autodiff': dynamic_conv._shifted_matmul_forward}  # pylint: disable=protected-access
+GOAL = 1.1  # the model's form within this factor of the fastest
 
 
 def main():
@@ -61,28 +61,51 @@ def main():
               jnp.asarray(rng.normal(size=(b, n, 3, 3, c)) * 0.05, jnp.float32),
               jnp.asarray(rng.normal(size=(b, n)), jnp.float32))
     reference = np.asarray(dynamic_conv.vmap_conv(*inputs))
+    calls = []
     for form, fn in FORMS.items():
       np.testing.assert_allclose(np.asarray(jax.jit(fn)(*inputs)), reference, rtol=2e-3, atol=2e-3)
       fwd = jax.jit(fn)
       fwd_bwd = jax.jit(jax.grad(lambda x, k, c, fn=fn: jnp.sum(fn(x, k, c) ** 2), argnums=(0, 1, 2)))
+      calls += [lambda f=fwd: jax.block_until_ready(f(*inputs)),
+                lambda f=fwd_bwd: jax.block_until_ready(f(*inputs))]
+    # every form in turn within each repeat: a change of load on the machine hits all alike
+    seconds = common.interleaved_medians(calls, args.repeats, warmup=1)
+    for i, form in enumerate(FORMS):
       results.append(dict(shape=shape_name, form=form, backend=jax.default_backend(),
-                          fwd_ms=1e3 * time_fn(fwd, inputs, args.repeats),
-                          fwd_bwd_ms=1e3 * time_fn(fwd_bwd, inputs, args.repeats)))
+                          fwd_ms=1e3 * seconds[2 * i], fwd_bwd_ms=1e3 * seconds[2 * i + 1]))
 
-  print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); model uses '
-        f"'{dynamic_conv.resolve_form('auto')}' (model.aligner.conv_impl='auto')")
-  print(f'{"shape":<36} {"form":<16} {"fwd ms":>9} {"x best":>7} {"fwd+bwd ms":>11} {"x best":>7}')
+  conv_impl = base.get_config().model.aligner.conv_impl
+  used = dynamic_conv.resolve_form(conv_impl)
+  print(common.machine_line())
+  print(f'median of {args.repeats} after one warm-up; x best = time / fastest form of the row\'s '
+        f'shape; model: model.aligner.conv_impl={conv_impl!r} -> {used!r}')
+  print(f'{"shape":<36} {"form":<18} {"fwd ms":>9} {"x best":>7} {"fwd+bwd ms":>11} {"x best":>7} '
+        f'{"model":>6}')
+  summary = []
   for shape_name in SHAPES:
     rows = [r for r in results if r['shape'] == shape_name]
     best_f = min(r['fwd_ms'] for r in rows)
     best_fb = min(r['fwd_bwd_ms'] for r in rows)
     for r in rows:
       r['fwd_ratio'], r['fwd_bwd_ratio'] = r['fwd_ms'] / best_f, r['fwd_bwd_ms'] / best_fb
-      print(f'{shape_name:<36} {r["form"]:<16} {r["fwd_ms"]:>9.2f} {r["fwd_ratio"]:>7.2f} '
-            f'{r["fwd_bwd_ms"]:>11.2f} {r["fwd_bwd_ratio"]:>7.2f}')
+      r['used_by_model'] = r['form'] == used
+      print(f'{shape_name:<36} {r["form"]:<18} {r["fwd_ms"]:>9.2f} {r["fwd_ratio"]:>7.2f} '
+            f'{r["fwd_bwd_ms"]:>11.2f} {r["fwd_bwd_ratio"]:>7.2f} '
+            f'{"<-" if r["used_by_model"] else "":>6}')
+    mine = next(r for r in rows if r['used_by_model'])
+    summary.append(dict(shape=shape_name, backend=jax.default_backend(), form=used,
+                        fwd_ratio=mine['fwd_ratio'], fwd_bwd_ratio=mine['fwd_bwd_ratio'],
+                        meets_goal=bool(max(mine['fwd_ratio'], mine['fwd_bwd_ratio']) <= GOAL)))
+  print(f'\nas used by the model (goal: within {GOAL}x of the fastest form on '
+        f'{jax.default_backend()}):')
+  print(f'{"shape":<36} {"form":<18} {"fwd x best":>11} {"fwd+bwd x best":>15} {"goal":>5}')
+  for r in summary:
+    print(f'{r["shape"]:<36} {r["form"]:<18} {r["fwd_ratio"]:>11.2f} {r["fwd_bwd_ratio"]:>15.2f} '
+          f'{"met" if r["meets_goal"] else "MISSED":>5}')
   if args.json_out:
     with open(args.json_out, 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump({'machine': common.machine_line(), 'rows': results, 'model': summary}, f,
+                indent=1)
 
 
 if __name__ == '__main__':

@@ -7,7 +7,8 @@ Default checkpoint: the latest of DIR/checkpoints; --best: the best validation m
 a step of DIR, or a checkpoint folder `<other workdir>/checkpoints/<step>`. The metrics are those
 of ../shared/DESIGN.md (original image size, every sentence a sample; eavl_jax/metrics.py).
 Prints tables laid out like the paper's tables I and II (in %) and writes the same numbers
-(fractions) to DIR/eval/<step>.json. Multi-host: pass --distributed to every process.
+(fractions) to DIR/eval/<step>.json. Multi-host: as training (eavl_jax/distributed.py, launch/
+with --module=evaluate; docs/distributed.md).
 """
 import json
 import os
@@ -31,8 +32,8 @@ def define_flags():
   flags.DEFINE_list('splits', None, 'Splits to evaluate; default config.data.eval_splits.')
   flags.DEFINE_integer('batch_size', None, 'Global eval batch; default '
                        'config.train.eval_batch_size.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (it finds its peers '
-                    'on TPU pods, SLURM, or from the JAX_* environment variables).')
+  # --distributed, --coordinator_address, --num_processes, --process_id, --local_device_ids:
+  from eavl_jax import distributed  # pylint: disable=g-import-not-at-top,unused-import
 
 
 # The paper's EAVL (Swin-B, BERT-B) rows of table I, in %: dataset -> metric -> split -> value.
@@ -186,8 +187,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  from eavl_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
   config = FLAGS.config
   try:
     step, results, path = run(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, best=FLAGS.best,

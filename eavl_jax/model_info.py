@@ -10,6 +10,7 @@ Both are printed beside the paper's table VI row.
 """
 import json
 import statistics
+import sys
 import time
 
 from absl import app
@@ -79,18 +80,19 @@ def format_table(counts):
   return '\n'.join(rows)
 
 
-def compile_forward(model_config, batch_size=1):
-  """The jitted inference forward pass (params, image, ids, mask) -> logits, compiled."""
+def compile_forward(model_config, batch_size=1, shapes=None):
+  """The jitted inference forward pass (params, image, ids, mask) -> logits, compiled.
+  shapes: abstract_params(model_config) if already at hand."""
   model = eavl.build_model(model_config)
   forward = jax.jit(lambda params, *inputs: model.apply({'params': params}, *inputs,
                                                         train=False)['logits'])
   inputs = eavl.dummy_inputs(model_config, batch_size)
-  params = abstract_params(model_config)
+  params = abstract_params(model_config) if shapes is None else shapes
   return forward.lower(params, *inputs).compile()
 
 
 def forward_cost(compiled, batch_size):
-  """XLA's cost analysis of a compiled forward of `batch_size` images -> per-image FLOPs and MACs."""
+  """XLA's cost analysis of a compiled forward of `batch_size` images -> per-image FLOPs, MACs."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0]
@@ -100,20 +102,20 @@ def forward_cost(compiled, batch_size):
   return {'flops_per_image': flops, 'macs_per_image': flops / 2, 'batch_size': batch_size}
 
 
-def random_params(model_config, seed=0):
+def random_params(model_config, seed=0, shapes=None):
   """Random weights of the right shapes (N(0, 0.02)) on the default device, drawn with numpy:
   no compile of model.init, and no one-off compile per parameter shape."""
-  shapes = abstract_params(model_config)
+  shapes = abstract_params(model_config) if shapes is None else shapes
   rng = np.random.default_rng(seed)
   return jax.device_put(jax.tree.map(
       lambda x: (0.02 * rng.standard_normal(x.shape, np.float32)).astype(x.dtype), shapes))
 
 
-def inference_speed(compiled, model_config, batch_size, iterations=5, warmup=2):
+def inference_speed(compiled, model_config, batch_size, iterations=5, warmup=2, shapes=None):
   """Images/s of `compiled` on the default backend: batch / median seconds per call."""
   if iterations < 1 or warmup < 0:
     raise ValueError(f'--iterations={iterations} must be >= 1 and --warmup={warmup} >= 0')
-  params = random_params(model_config)
+  params = random_params(model_config, shapes=shapes)
   inputs = [jnp.asarray(x) for x in eavl.dummy_inputs(model_config, batch_size)]
   for _ in range(warmup):
     jax.block_until_ready(compiled(params, *inputs))
@@ -152,18 +154,22 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required')
-  counts = count_by_component(abstract_params(config.model))
+  shapes = abstract_params(config.model)
+  counts = count_by_component(shapes)
   total = sum(counts.values())
   cost = speed = None
   if FLAGS.flops or FLAGS.speed:
     if FLAGS.batch_size < 1:
       raise app.UsageError(f'--batch_size={FLAGS.batch_size} must be >= 1')
-    compiled = compile_forward(config.model, FLAGS.batch_size)
-    if FLAGS.flops:
-      cost = forward_cost(compiled, FLAGS.batch_size)
-    if FLAGS.speed:
-      speed = inference_speed(compiled, config.model, FLAGS.batch_size, FLAGS.iterations,
-                              FLAGS.warmup)
+    try:
+      compiled = compile_forward(config.model, FLAGS.batch_size, shapes)
+      if FLAGS.flops:
+        cost = forward_cost(compiled, FLAGS.batch_size)
+      if FLAGS.speed:
+        speed = inference_speed(compiled, config.model, FLAGS.batch_size, FLAGS.iterations,
+                                FLAGS.warmup, shapes)
+    except (ValueError, RuntimeError) as e:  # no FLOP count on this backend, bad --iterations
+      sys.exit(f'error: {e}')
   if FLAGS.json:
     out = {'components': counts, 'total': total}
     if cost:

@@ -30,7 +30,7 @@ from eavl_jax import train_state as train_state_lib
 from eavl_jax.models import eavl
 
 TRAIN_KEYS = ('image', 'input_ids', 'attention_mask', 'mask')
-# Test hook: SIGKILL this process right after the save of this step has been started.
+# Test hook: SIGKILL this process after this step (once the checkpoints started so far are written).
 KILL_AFTER_STEP_ENV = 'EAVL_TEST_SIGKILL_AFTER_STEP'
 
 
@@ -367,7 +367,8 @@ def train_and_evaluate(config, workdir):
         bar.write(format_table(config.data.val_split, step, result))
       if save_now:
         checkpointing.save(manager, step, state, train_iter, metrics=eval_metrics)
-      if step == kill_after:
+      if step == kill_after:   # tests: a hard crash once the saves so far are on disk
+        manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
       if preempted:
         manager.wait_until_finished()

@@ -23,31 +23,59 @@ def sentence_counts(synthetic_raw):
   return {s: sum(len(r['sentences']) for r in refs if r['split'] == s) for s in SPLITS}
 
 
-def run_cli(module, *args, devices=1):
-  """Runs `python -m module args` on `devices` (fake) CPU devices -> CompletedProcess."""
+def start_cli(module, *args, devices=1):
+  """Starts `python -m module args` on `devices` (fake) CPU devices; `finish` waits for it. The
+  tests start their command lines first and do their in-process work meanwhile."""
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=600, check=False)
+  return subprocess.Popen([sys.executable, '-m', module, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+
+def finish(proc):
+  stdout, stderr = proc.communicate(timeout=600)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith('error:')]
 
 
-def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthetic_raw):
-  # Two devices: the batches are split over them; the numbers must equal the one-device run below.
-  proc = run_cli('eavl_jax.evaluate', '--config=configs/tiny.py',
-                 f'--workdir={tiny_trained.workdir}', f'--config.data.data_dir={synthetic_records}',
-                 f'--config.data.eval_max_size={tiny_trained.eval_max_size}', devices=2)
+def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthetic_raw,
+                                         tmp_path):
+  # Two devices: the batches are split over them; the numbers must equal the one-device run below
+  # (weakly: the briefly trained model predicts background everywhere; test_metrics.py and the
+  # ground-truth test below check the numbers themselves).
+  cli = start_cli('eavl_jax.evaluate', '--config=configs/tiny.py',
+                  f'--workdir={tiny_trained.workdir}',
+                  f'--config.data.data_dir={synthetic_records}',
+                  f'--config.data.eval_max_size={tiny_trained.eval_max_size}', devices=2)
+
+  # Meanwhile, one device, --checkpoint=<workdir>/checkpoints/<step> (a step folder) and results
+  # in another workdir, --splits=val: only that split is evaluated, the JSON of the step keeps the
+  # splits evaluated before.
+  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
+  earlier = {'step': tiny_trained.steps, 'dataset': 'synthetic', 'checkpoint': step_dir,
+             'splits': {'testB': {'oIoU': 0.5, 'samples': 3}}}
+  os.makedirs(tmp_path / 'eval')
+  with open(tmp_path / 'eval' / f'{tiny_trained.steps}.json', 'w') as f:
+    json.dump(earlier, f)
+  step, results, path = evaluate.run(tiny_trained.config(), str(tmp_path), splits=['val'],
+                                     checkpoint=step_dir + '/')
+  assert step == tiny_trained.steps and list(results) == ['val']
+  assert path == str(tmp_path / 'eval' / f'{tiny_trained.steps}.json')
+  with open(path) as f:
+    assert json.load(f)['splits'] == {'testB': earlier['splits']['testB'], 'val': results['val']}
+
+  proc = finish(cli)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Table I layout' in proc.stdout and 'Table II layout' in proc.stdout
   with open(os.path.join(tiny_trained.workdir, 'eval', f'{tiny_trained.steps}.json')) as f:
     saved = json.load(f)
   assert saved['step'] == tiny_trained.steps and saved['dataset'] == 'synthetic'
-  assert saved['checkpoint'] == os.path.join(tiny_trained.workdir, 'checkpoints',
-                                             str(tiny_trained.steps))
+  assert saved['checkpoint'] == step_dir
   assert sorted(saved['splits']) == sorted(SPLITS)
+  assert saved['splits']['val'] == results['val']
   counts = sentence_counts(synthetic_raw)
   for split, result in saved['splits'].items():
     assert result['samples'] == counts[split] > 0
@@ -59,16 +87,6 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
                         if line.startswith(f'{split} '))
     assert table_ii_row.split()[1:4] == [str(counts[split]), f'{100 * result["mIoU"]:.2f}',
                                          f'{100 * result["Pr@0.5"]:.2f}']
-
-  # --checkpoint=<workdir>/checkpoints/<step> (a step folder), --splits: only those are evaluated,
-  # on one device here; the JSON of that step keeps the other splits.
-  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
-  step, results, path = evaluate.run(tiny_trained.config(), tiny_trained.workdir,
-                                     splits=['val'], checkpoint=step_dir + '/')
-  assert step == tiny_trained.steps and list(results) == ['val']
-  assert results['val'] == saved['splits']['val']
-  with open(path) as f:
-    assert sorted(json.load(f)['splits']) == sorted(SPLITS)
 
 
 def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw):
@@ -93,6 +111,13 @@ def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw
 
 def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   config, workdir = tiny_trained.config(), tiny_trained.workdir
+  # The command line answers with one line naming the thing, not a traceback (checked below).
+  no_checkpoint = start_cli('eavl_jax.evaluate', '--config=configs/tiny.py',
+                            f'--workdir={tmp_path}', f'--config.data.data_dir={synthetic_records}')
+  other_config = start_cli('eavl_jax.evaluate', '--config=configs/tiny.py', f'--workdir={workdir}',
+                           f'--config.data.data_dir={synthetic_records}',
+                           '--config.model.num_queries=2')
+
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     evaluate.restore_params(config, str(tmp_path))
   other = tiny_trained.config()
@@ -112,13 +137,10 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   with pytest.raises(ValueError, match='no split'):
     evaluate.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
 
-  # The command line answers with one line naming the thing, not a traceback.
-  proc = run_cli('eavl_jax.evaluate', '--config=configs/tiny.py', f'--workdir={tmp_path}',
-                 f'--config.data.data_dir={synthetic_records}')
+  proc = finish(no_checkpoint)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert error_lines(proc.stderr) == [f'error: no checkpoint in {tmp_path}/checkpoints']
-  proc = run_cli('eavl_jax.evaluate', '--config=configs/tiny.py', f'--workdir={workdir}',
-                 f'--config.data.data_dir={synthetic_records}', '--config.model.num_queries=2')
+  proc = finish(other_config)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   [line] = error_lines(proc.stderr)
   assert line.startswith(f'error: the checkpoint at {workdir}/checkpoints/{tiny_trained.steps} '

@@ -1,4 +1,4 @@
-"""`python -m eavl_jax.model_info --flops --speed --json` on configs/tiny.py, and the FLOP convention."""
+"""`python -m eavl_jax.model_info --flops --speed --json` on configs/tiny.py; FLOP convention."""
 import json
 import os
 import subprocess

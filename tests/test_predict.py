@@ -1,4 +1,4 @@
-"""`python -m eavl_jax.predict`: the mask PNG at the image's size, N_q query panels, clear errors."""
+"""`python -m eavl_jax.predict`: the mask PNG at the image's size, N_q query panels, errors."""
 import os
 import subprocess
 import sys
@@ -14,10 +14,17 @@ IMAGE_HW = (45, 70)  # (H, W): not square, not the model's size
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'eavl_jax.predict', '--config=configs/tiny.py',
-                         *args], capture_output=True, text=True, timeout=300, check=False,
-                        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+def start_cli(*args):
+  """Starts `python -m eavl_jax.predict --config=configs/tiny.py args`; `finish` waits for it. The
+  tests start their command lines first and do their in-process work meanwhile."""
+  return subprocess.Popen([sys.executable, '-m', 'eavl_jax.predict', '--config=configs/tiny.py',
+                           *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def finish(proc):
+  stdout, stderr = proc.communicate(timeout=300)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope='module')
@@ -30,6 +37,12 @@ def image_path(tmp_path_factory):
 
 def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, tmp_path):
   config = tiny_trained.config()
+  # The command line (checkpoint given as a step folder) must write the same two images.
+  cli_out = str(tmp_path / 'cli.png')
+  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
+  cli = start_cli(f'--workdir={tmp_path}', f'--checkpoint={step_dir}', f'--image={image_path}',
+                  '--text=the red circle', f'--out={cli_out}', '--per_query')
+
   out = str(tmp_path / 'out.png')
   result, written = predict.run(config, tiny_trained.workdir, image_path, 'the red circle', out,
                                 per_query=True)
@@ -42,6 +55,14 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
   drawn = np.asarray(Image.open(out).convert('RGB')).astype(int)
   expected = predict.overlay(result['rgb'], result['mask']).astype(int)
   np.testing.assert_array_equal(drawn, expected)
+
+  # (The briefly trained model predicts background everywhere; the blend itself, on a half mask:)
+  half = np.zeros(IMAGE_HW, bool)
+  half[:, :IMAGE_HW[1] // 2] = True
+  blended = predict.overlay(result['rgb'], half).astype(int)
+  red = (result['rgb'] * (1 - predict.ALPHA) + np.array([255, 0, 0]) * predict.ALPHA).round()
+  np.testing.assert_array_equal(blended[half], red[half])
+  np.testing.assert_array_equal(blended[~half], result['rgb'][~half])
 
   n_q = config.model.num_queries
   scores = result['scores']
@@ -70,11 +91,7 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
     np.testing.assert_array_equal(
         grid[r * (ph + 4):r * (ph + 4) + ph, c * (pw + 4):c * (pw + 4) + pw], panel)
 
-  # The command line (checkpoint given as a step folder) writes the same two images.
-  cli_out = str(tmp_path / 'cli.png')
-  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
-  proc = run_cli(f'--workdir={tmp_path}', f'--checkpoint={step_dir}', f'--image={image_path}',
-                 '--text=the red circle', f'--out={cli_out}', '--per_query')
+  proc = finish(cli)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'checkpoint step {tiny_trained.steps}' in proc.stdout
   assert 'estimator scores (best first)' in proc.stdout
@@ -87,6 +104,12 @@ def test_clear_errors(tiny_trained, image_path, tmp_path):
   not_image = tmp_path / 'notes.jpg'
   not_image.write_text('not an image')
   out = str(tmp_path / 'out.png')
+  # The command line: one line naming the thing, no traceback (checked below).
+  cases = [((f'--image={not_image}', '--text=the cat'),
+            f"error: cannot read the image '{not_image}'"),
+           ((f'--image={image_path}', '--text='), "error: the expression --text='' is empty")]
+  clis = [start_cli(f'--workdir={workdir}', *args, f'--out={out}') for args, _ in cases]
+
   with pytest.raises(ValueError, match='cannot read the image .*notes.jpg'):
     predict.run(config, workdir, str(not_image), 'the cat', out)
   with pytest.raises(ValueError, match='cannot read the image .*missing.png'):
@@ -103,11 +126,8 @@ def test_clear_errors(tiny_trained, image_path, tmp_path):
     predict.run(other, workdir, image_path, 'the cat', out)
   assert not os.path.exists(out)
 
-  # The command line: one line naming the thing, no traceback.
-  cases = [((f'--image={not_image}', '--text=the cat'), f'error: cannot read the image '),
-           ((f'--image={image_path}', '--text='), "error: the expression --text='' is empty")]
-  for args, start in cases:
-    proc = run_cli(f'--workdir={workdir}', *args, f'--out={out}')
+  for cli, (_, start) in zip(clis, cases):
+    proc = finish(cli)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     [line] = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
     assert line.startswith(start), line

@@ -18,7 +18,10 @@ STEPS = 6
 
 
 def train(workdir, data_dir, *overrides, kill_after=None):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # Bit-exact runs need deterministic kernels: XLA:CPU's multi-threaded Eigen reductions may sum
+  # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true).
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
   env.pop(trainer.KILL_AFTER_STEP_ENV, None)
   if kill_after is not None:
     env[trainer.KILL_AFTER_STEP_ENV] = str(kill_after)
