@@ -24,7 +24,7 @@ from benchmarks import common  # pylint: disable=wrong-import-position
 from configs import base  # pylint: disable=wrong-import-position
 from eavl_jax.models import dynamic_conv  # pylint: disable=wrong-import-position
 
-SHAPES = {  # name: (B, H, W, C_p, N_q)
+SHAPES = {  # name: (B, H, W, C_p, N_q); --shapes picks them by their first word
     'paper (B=4, 120², C_p=256, N_q=24)': (4, 120, 120, 256, 24),
     'small (B=4, 32², C_p=32, N_q=8)': (4, 32, 32, 32, 8),
 }
@@ -51,28 +51,36 @@ GOAL = 1.1  # the model's form within this factor of the fastest
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--shapes', default='paper,small', help='comma-separated: paper, small')
   parser.add_argument('--json_out', default='')
   args = parser.parse_args()
+  wanted = args.shapes.split(',')
+  unknown = set(wanted) - {name.split()[0] for name in SHAPES}
+  if unknown:
+    parser.error(f'--shapes: unknown {sorted(unknown)}; known: paper, small')
+  shapes = {name: shape for name, shape in SHAPES.items() if name.split()[0] in wanted}
 
   results = []
-  for shape_name, (b, h, w, c, n) in SHAPES.items():
+  for shape_name, (b, h, w, c, n) in shapes.items():
     rng = np.random.default_rng(0)
     inputs = (jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32),
               jnp.asarray(rng.normal(size=(b, n, 3, 3, c)) * 0.05, jnp.float32),
               jnp.asarray(rng.normal(size=(b, n)), jnp.float32))
     reference = np.asarray(dynamic_conv.vmap_conv(*inputs))
-    calls = []
+    fwd_calls, fwd_bwd_calls = [], []
     for form, fn in FORMS.items():
       np.testing.assert_allclose(np.asarray(jax.jit(fn)(*inputs)), reference, rtol=2e-3, atol=2e-3)
       fwd = jax.jit(fn)
       fwd_bwd = jax.jit(jax.grad(lambda x, k, c, fn=fn: jnp.sum(fn(x, k, c) ** 2), argnums=(0, 1, 2)))
-      calls += [lambda f=fwd: jax.block_until_ready(f(*inputs)),
-                lambda f=fwd_bwd: jax.block_until_ready(f(*inputs))]
-    # every form in turn within each repeat: a change of load on the machine hits all alike
-    seconds = common.interleaved_medians(calls, args.repeats, warmup=1)
+      fwd_calls.append(lambda f=fwd: jax.block_until_ready(f(*inputs)))
+      fwd_bwd_calls.append(lambda f=fwd_bwd: jax.block_until_ready(f(*inputs)))
+    # the forms in turn within each repeat, so that a change of load on the machine hits all alike;
+    # forward passes apart from backward ones, so that no short call follows a long one
+    fwd_s = common.interleaved_medians(fwd_calls, args.repeats, warmup=1)
+    fwd_bwd_s = common.interleaved_medians(fwd_bwd_calls, args.repeats, warmup=1)
     for i, form in enumerate(FORMS):
       results.append(dict(shape=shape_name, form=form, backend=jax.default_backend(),
-                          fwd_ms=1e3 * seconds[2 * i], fwd_bwd_ms=1e3 * seconds[2 * i + 1]))
+                          fwd_ms=1e3 * fwd_s[i], fwd_bwd_ms=1e3 * fwd_bwd_s[i]))
 
   conv_impl = base.get_config().model.aligner.conv_impl
   used = dynamic_conv.resolve_form(conv_impl)
@@ -82,7 +90,7 @@ def main():
   print(f'{"shape":<36} {"form":<18} {"fwd ms":>9} {"x best":>7} {"fwd+bwd ms":>11} {"x best":>7} '
         f'{"model":>6}')
   summary = []
-  for shape_name in SHAPES:
+  for shape_name in shapes:
     rows = [r for r in results if r['shape'] == shape_name]
     best_f = min(r['fwd_ms'] for r in rows)
     best_fb = min(r['fwd_bwd_ms'] for r in rows)

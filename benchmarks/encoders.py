@@ -1,7 +1,7 @@
 """Our Flax Swin-B and BERT-base against timm's and transformers' PyTorch models, same weights.
 
   python benchmarks/encoders.py [--batch=2] [--image_size=480] [--seq_len=17] [--repeats=3]
-      [--small] [--json_out=FILE]
+      [--warmup=2] [--torch_threads=N] [--skip=swin|bert] [--small] [--json_out=FILE]
 
 Random weights (nothing is downloaded): timm's `swin_base_patch4_window12_384` built at
 --image_size and transformers' `BertModel` from a bert-base `BertConfig` are saved to a temporary
@@ -9,6 +9,9 @@ folder and read into the Flax encoders by our loaders (`weights.load_swin`, `wei
 so both frameworks run the same weights; the outputs are compared before timing. Each encoder is
 timed forward (inference) and forward+backward (gradient of a scalar of the output with respect to
 every parameter), in turn, on the same CPU, at the same batch; dropout / drop-path are off in both.
+Single-threaded, both (fairer on a loaded machine):
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+      python benchmarks/encoders.py --torch_threads=1 ...
 --small: a narrow, shallow Swin (window 6) at 192² and a 2-layer BERT of width 128 (a quick check
 of the script).
 """
@@ -106,15 +109,20 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2, help='untimed calls first (compile)')
   parser.add_argument('--small', action='store_true')
+  parser.add_argument('--torch_threads', type=int, default=0, help='default: os.cpu_count()')
   parser.add_argument('--skip', default='', help="'swin' or 'bert': leave that encoder out")
   parser.add_argument('--json_out', default='')
   args = parser.parse_args()
   image_size = args.image_size or (192 if args.small else 480)
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(args.torch_threads or os.cpu_count())
   torch.manual_seed(0)
   machine = common.machine_line(torch)
   print(machine)
-  print('jax: XLA:CPU intra-op pool = all cores (default); torch: set_num_threads(os.cpu_count())')
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  jax_threads = ('1 thread (XLA_FLAGS)' if 'intra_op_parallelism_threads=1' in xla_flags
+                 else f'all {os.cpu_count()} cores (its default)')
+  print(f'jax: XLA:CPU intra-op pool = {jax_threads}; torch: '
+        f'set_num_threads({torch.get_num_threads()})')
   rng = np.random.default_rng(0)
   rows, checks = [], {}
   with tempfile.TemporaryDirectory() as folder:

@@ -83,6 +83,8 @@ def _flat_shapes(tree):
 def check_compatible(saved_tree, expected_tree, where):
   """Raises ValueError naming the entries whose presence or shape differ between the trees."""
   saved, expected = _flat_shapes(saved_tree), _flat_shapes(expected_tree)
+  params_first = lambda flat: dict(sorted(flat.items(), key=lambda kv: kv[0].split('/')[0] != 'params'))
+  saved, expected = params_first(saved), params_first(expected)
   problems = [f'  missing in checkpoint: {k} {expected[k]}' for k in expected if k not in saved]
   problems += [f'  not in this config: {k} {saved[k]}' for k in saved if k not in expected]
   problems += [f'  shape differs: {k} checkpoint {saved[k]} vs config {expected[k]}'

@@ -24,8 +24,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs a
 def quiet_libraries():
   """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
   ours = (os.sep + 'eavl_jax' + os.sep, os.sep + 'data_prep' + os.sep)
+  noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or any(p in r.pathname for p in ours))
+      lambda r: (r.levelno >= logging.converter.STANDARD_WARNING
+                 and not any(n in str(r.msg) for n in noise))
+      or any(p in r.pathname for p in ours))
 
 
 def main(argv):

@@ -384,6 +384,7 @@ def train_and_evaluate(config, workdir):
       last_eval = start
     manager.wait_until_finished()
   finally:
+    bar.close()   # before any error message: the bar's line ends here
     preemption.close()
     writer.close()
     manager.close()   # waits for pending saves
