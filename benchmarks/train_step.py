@@ -55,13 +55,14 @@ flags.DEFINE_integer('memory_batch', 4, 'per-device batch of the memory table')
 flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
 FLAGS = flags.FLAGS
 
-# Dense peak FLOP/s by device_kind substring: (bfloat16, float32 without TF32), from the vendors'
-# data sheets (SXM parts; a PCIe H100 is lower: 756 / 51 TFLOP/s).
+# Dense peak FLOP/s by device_kind substring (first match): (bfloat16, float32). float32 uses the
+# TF32 tensor-core peak, since JAX's default matmul precision runs float32 matmuls as TF32 on these
+# GPUs. From the vendors' data sheets (SXM parts unless named).
 PEAK_FLOPS = {
-    'H200': (989e12, 67e12),
-    'H100 PCIe': (756e12, 51e12),
-    'H100': (989e12, 67e12),
-    'A100': (312e12, 19.5e12),
+    'H200': (989e12, 494e12),
+    'H100 PCIe': (756e12, 378e12),
+    'H100': (989e12, 494e12),
+    'A100': (312e12, 156e12),
 }
 
 
@@ -226,7 +227,7 @@ def time_components(step, params, repeats):
   return rows
 
 
-GROUPS = (('Swin forward (vision_encoder)', ('vision_encoder',)),
+GROUPS = (('Swin (vision_encoder)', ('vision_encoder',)),
           ('attention pooling (eq. 1)', ('attention_pool',)),
           ('BERT (text_encoder)', ('text_encoder',)),
           ('neck + query generator + decoder (+ norms, text_proj)',
@@ -307,8 +308,8 @@ def gpu_section(config, result):
   print(f'\nGPU {kind}: {result["images_per_s"]:.2f} images/s at batch {result["batch"]} '
         f'({config.model.dtype}), {flops_per_s / 1e12:.1f} TFLOP/s of the compiled step; '
         f'peak {peak / 1e12 if peak else float("nan"):.0f} TFLOP/s -> MFU {100 * mfu:.1f}%')
-  print('peaks used (dense, TFLOP/s, bf16 / fp32): ' + ', '.join(
-      f'{k} {b / 1e12:.0f}/{f / 1e12:.1f}' for k, (b, f) in PEAK_FLOPS.items()))
+  print('peaks used (dense, TFLOP/s, bf16 / fp32 as TF32): ' + ', '.join(
+      f'{k} {b / 1e12:.0f}/{f / 1e12:.0f}' for k, (b, f) in PEAK_FLOPS.items()))
   return dict(device_kind=kind, peak_flops=peak, achieved_flops_per_s=flops_per_s, mfu=mfu)
 
 

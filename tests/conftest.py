@@ -1,6 +1,17 @@
 """Session-wide fixtures shared by test files: a tiny synthetic data set, raw and built, and a
-tiny model briefly trained on it."""
+tiny model briefly trained on it.
+
+Also a persistent XLA compilation cache for the session, this process and the entry points the
+tests start: many tests compile the same tiny programs (init, train step) again, in subprocesses.
+Set before jax is imported; the cache keys hold the program, the flags and the versions.
+"""
 import os
+
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      '.pytest_cache', 'jax_compilation_cache')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import types
 
 import pytest
