@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import time
 
 from absl import logging
 import jax
@@ -65,7 +64,7 @@ def make_train_step(model, tx, schedule, config, frozen, mesh=None):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step // accum), 'params_finite': params_finite}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -1,6 +1,5 @@
 """The synthetic referring task: deterministic, refer layout, and every expression unique."""
 import collections
-import json
 import os
 import pickle
 
