@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from eavl_jax.models import layers
+
 _init = nn.initializers.normal(0.02)  # BERT's initializer_range
 
 
@@ -47,7 +49,7 @@ class BertSelfAttention(nn.Module):
     b, length, hidden = x.shape
     head_dim = hidden // self.num_heads
     split = lambda t: t.reshape(b, length, self.num_heads, head_dim)  # (B, L, h, d)
-    dense = lambda name: nn.Dense(hidden, kernel_init=_init, dtype=self.dtype, name=name)
+    dense = lambda name: layers.Dense(hidden, kernel_init=_init, dtype=self.dtype, name=name)
     q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim ** -0.5
     probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)  # (B, h, L, L)
@@ -64,7 +66,7 @@ class BertAddNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, residual, train: bool):
-    x = nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='dense')(x)
+    x = layers.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='dense')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='LayerNorm')(x + residual)
 
@@ -90,8 +92,8 @@ class BertIntermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.intermediate_size, kernel_init=_init, dtype=self.dtype, name='dense')(x)
-    return nn.gelu(x, approximate=False)  # BERT's hidden_act 'gelu' (erf)
+    x = layers.Dense(self.intermediate_size, kernel_init=_init, dtype=self.dtype, name='dense')(x)
+    return layers.gelu(x)  # BERT's hidden_act 'gelu' (erf)
 
 
 class BertLayer(nn.Module):

@@ -16,7 +16,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, pos, memory, train):
     """x (B,N,C) vision tokens, pos (N,C) their 2D sine positions, memory (B,N_q,C) -> (B,N,C)."""
     c = x.shape[-1]
-    attention = lambda name: nn.MultiHeadDotProductAttention(
+    attention = lambda name: layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
         deterministic=not train, name=name)
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
@@ -31,8 +31,8 @@ class DecoderLayer(nn.Module):
     x = residual(x, lambda y: attention('cross_attention')(y + pos, memory), 'norm2')
 
     def mlp(y):
-      y = nn.relu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in')(y))
-      return nn.Dense(c, dtype=self.dtype, name='mlp_out')(drop(y))
+      y = nn.relu(layers.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in')(y))
+      return layers.Dense(c, dtype=self.dtype, name='mlp_out')(drop(y))
     return residual(x, mlp, 'norm3')
 
 

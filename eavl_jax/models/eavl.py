@@ -13,6 +13,7 @@ from eavl_jax.models import aligner as aligner_lib
 from eavl_jax.models import bert
 from eavl_jax.models import decoder as decoder_lib
 from eavl_jax.models import dynamic_conv
+from eavl_jax.models import layers
 from eavl_jax.models import neck as neck_lib
 from eavl_jax.models import query_generator as query_generator_lib
 from eavl_jax.models import swin
@@ -80,7 +81,7 @@ class EAVL(nn.Module):
     t = m.text_encoder
     hidden = bert.BertModel(**{f: t[f] for f in bert.SIZE_FIELDS}, dtype=dtype, remat=m.remat,
                             name='text_encoder')(input_ids, attention_mask, train=train)  # (B, L, H)
-    f_t = nn.Dense(c, dtype=dtype, name='text_proj')(hidden)        # F_t (B, L, C)
+    f_t = layers.Dense(c, dtype=dtype, name='text_proj')(hidden)        # F_t (B, L, C)
     cls = hidden[:, 0]                                              # [CLS] (B, H_bert)
 
     f_inte = neck_lib.FusionNeck(c, m.neck.use_norm, dtype, name='neck')(

@@ -1,7 +1,54 @@
-"""Small building blocks shared by the head modules."""
+"""Small building blocks shared by the modules."""
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
+
+
+def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                       **kwargs):
+  """`lax.dot_general` for dense layers, as one 2D matmul where the contraction allows it.
+
+  A Dense on (B, H, W, C) contracts one axis of a 4D array; its weight gradient then contracts
+  B, H and W together, which XLA:CPU runs several times slower than the same product on the
+  flattened (B*H*W, C) rows (benchmarks/README: docs/performance.md). When the contracted axes
+  are the trailing axes of `lhs` and the leading axes of `rhs` (every Dense / DenseGeneral
+  projection), both are reshaped to 2D around the product; the result is identical.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  if (lhs_batch or rhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+  rows, inner, cols = lhs.shape[:lhs.ndim - n], rhs.shape[:n], rhs.shape[n:]
+  k = int(np.prod(inner))
+  out = jax.lax.dot_general(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type,
+                            **kwargs)
+  return out.reshape(rows + cols)
+
+
+class Dense(nn.Dense):
+  """`nn.Dense` (same parameters, same result) computed as a 2D matmul: `matmul_dot_general`."""
+  dot_general: Any = matmul_dot_general
+
+
+class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
+  """`nn.MultiHeadDotProductAttention` with its projections as 2D matmuls."""
+  qkv_dot_general: Any = matmul_dot_general
+  out_dot_general: Any = matmul_dot_general
+
+
+def gelu(x):
+  """Exact (erf) GELU, as torch.nn.GELU() and BERT's 'gelu'.
+
+  Written with erf: `nn.gelu(approximate=False)` uses erfc, which XLA:CPU evaluates several
+  times slower; the two agree to 1e-6.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
 
 
 def upsample2x(x):
@@ -42,7 +89,7 @@ class ProjectReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.features, dtype=self.dtype)(x)
+    x = Dense(self.features, dtype=self.dtype)(x)
     if self.use_norm:
       x = nn.LayerNorm(dtype=self.dtype)(x)
     return nn.relu(x)

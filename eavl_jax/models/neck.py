@@ -21,7 +21,7 @@ class FusionNeck(nn.Module):
 
     m4 = proj(c, 'v4')(f_v4)                                        # (B, H4, W4, C)
     if f_tg is not None:
-      tg = proj(c, 'tg')(nn.Dense(c, dtype=self.dtype, name='text_global_proj')(f_tg))
+      tg = proj(c, 'tg')(layers.Dense(c, dtype=self.dtype, name='text_global_proj')(f_tg))
       m4 = m4 * tg[:, None, None, :]                                # eq. 2
     m4 = layers.upsample2x(m4)                                      # eq. 2 / eq. 6: (B, H3, W3, C)
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from eavl_jax.models import layers
+
 _LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by timm's Swin
 _MASK_VALUE = -100.0  # what timm adds to attention logits across shift regions
 
@@ -106,7 +108,7 @@ class WindowAttention(nn.Module):
     index = relative_position_index(window, self.window_size)  # (N, N)
     bias = jnp.transpose(table[index.reshape(-1)].reshape(n, n, self.num_heads), (2, 0, 1))  # (h, N, N)
 
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(x)  # (B*nW, N, 3C)
+    qkv = layers.Dense(3 * c, dtype=self.dtype, name='qkv')(x)  # (B*nW, N, 3C)
     qkv = qkv.reshape(bw, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nW, h, N, d)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k).astype(jnp.float32)
@@ -117,7 +119,7 @@ class WindowAttention(nn.Module):
       logits = logits.reshape(bw, self.num_heads, n, n)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bhkd->bqhd', probs, v).reshape(bw, n, c)
-    return nn.Dense(c, dtype=self.dtype, name='proj')(out)
+    return layers.Dense(c, dtype=self.dtype, name='proj')(out)
 
 
 class Mlp(nn.Module):
@@ -128,9 +130,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(features, dtype=self.dtype, name='fc2')(x)
+    x = layers.Dense(self.hidden, dtype=self.dtype, name='fc1')(x)
+    x = layers.gelu(x)
+    return layers.Dense(features, dtype=self.dtype, name='fc2')(x)
 
 
 class SwinBlock(nn.Module):
@@ -177,20 +179,42 @@ class PatchMerging(nn.Module):
     # channel blocks in the order (0,0), (1,0), (0,1), (1,1) for (row, col) offsets
     x = x.reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h2, w2, 4 * c)
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(x)
-    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, name='reduction')(x)
+    return layers.Dense(2 * c, use_bias=False, dtype=self.dtype, name='reduction')(x)
+
+
+class PatchProjection(nn.Module):
+  """A p x p, stride-p convolution written as a matmul over flattened patches (XLA:CPU runs the
+  strided convolution's gradient several times slower). Parameters as `nn.Conv`: kernel
+  (p, p, C_in, C) in HWIO order, bias (C,)."""
+  features: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    b, h, w, c_in = images.shape
+    p = self.patch_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (p, p, c_in, self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    patches = images.reshape(b, h // p, p, w // p, p, c_in).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h // p, w // p, p * p * c_in)  # (B, H/p, W/p, p*p*C_in), HWI order
+    out = layers.matmul_dot_general(patches.astype(self.dtype),
+                                    kernel.reshape(p * p * c_in, -1).astype(self.dtype),
+                                    (((3,), (0,)), ((), ())))
+    return out + bias.astype(self.dtype)
 
 
 class PatchEmbed(nn.Module):
-  """Non-overlapping p x p patches -> Dense (as a strided conv) -> LayerNorm.  (B, H/p, W/p, C)."""
+  """Non-overlapping p x p patches -> linear projection -> LayerNorm.  (B, H/p, W/p, C)."""
   embed_dim: int
   patch_size: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
-    p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                name='proj')(images.astype(self.dtype))
+    x = PatchProjection(self.embed_dim, self.patch_size, self.dtype, name='proj')(
+        images.astype(self.dtype))
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(x)
 
 
@@ -255,7 +279,7 @@ class AttentionPool(nn.Module):
     b, h, w, c = x4.shape
     tokens = x4.reshape(b, h * w, c)  # (B, hw, C4)
     tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)  # eq. 1: [x̄4; x4]  (B, 1+hw, C4)
-    out = nn.MultiHeadDotProductAttention(  # eq. 1: MHSA over [x̄4; x4]
+    out = layers.MultiHeadDotProductAttention(  # eq. 1: MHSA over [x̄4; x4]
         num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype,
         name='attn')(tokens, tokens)  # (B, 1+hw, C4)
     z_global, z = out[:, 0], out[:, 1:].reshape(b, h, w, c)  # eq. 1: split -> z̄ (B, C4), z (B, h, w, C4)
