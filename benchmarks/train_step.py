@@ -98,8 +98,8 @@ class Step:
     self.init = train_state_lib.make_init_fn(self.model, config.model, self.tx)
     self.abstract_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
     frozen = optim.frozen_mask(config.optim, self.abstract_state.params)
-    step = trainer.make_train_step(self.model, self.tx, schedule, config, frozen)
-    self.jitted = jax.jit(step, donate_argnums=0)
+    self.step_fn = trainer.make_train_step(self.model, self.tx, schedule, config, frozen)
+    self.jitted = jax.jit(self.step_fn, donate_argnums=0)
     self.abstract_batch = {
         k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
         for k, v in _random_batch(config, 1).items()}

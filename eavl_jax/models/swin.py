@@ -79,6 +79,32 @@ def window_reverse(windows, window, batch, height, width):
   return x.reshape(batch, height, width, c)
 
 
+@jax.custom_vjp
+def add_window_bias(logits, bias):
+  """logits + bias[None]: (B*nW, h, N, N) + (h, N, N).
+
+  Its gradient w.r.t. the bias sums the logits' gradient over the B*nW windows. XLA:CPU runs that
+  sum over the leading axis as a reduction ~35x slower than the same sum written as a
+  (1, B*nW) x (B*nW, h*N*N) matrix product, which is what the backward below does (Swin-B at 480²:
+  ~40 ms per stage-1 block; docs/performance.md).
+  """
+  return logits + bias[None].astype(logits.dtype)
+
+
+def _add_window_bias_fwd(logits, bias):
+  return add_window_bias(logits, bias), jnp.zeros((0,), bias.dtype)  # keeps the bias dtype
+
+
+def _add_window_bias_bwd(bias_dtype_carrier, g):
+  windows = g.shape[0]
+  ones = jnp.ones((1, windows), g.dtype)
+  d_bias = jnp.dot(ones, g.reshape(windows, -1), preferred_element_type=jnp.float32)
+  return g, d_bias.reshape(g.shape[1:]).astype(bias_dtype_carrier.dtype)
+
+
+add_window_bias.defvjp(_add_window_bias_fwd, _add_window_bias_bwd)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per sample ('dropout' rng, train only)."""
   rate: float
@@ -112,7 +138,7 @@ class WindowAttention(nn.Module):
     qkv = qkv.reshape(bw, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nW, h, N, d)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k).astype(jnp.float32)
-    logits = logits + bias[None]
+    logits = add_window_bias(logits, bias)  # + bias[None]
     if mask is not None:
       num_windows = mask.shape[0]
       logits = logits.reshape(-1, num_windows, self.num_heads, n, n) + mask[None, :, None]
