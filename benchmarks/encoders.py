@@ -9,9 +9,10 @@ folder and read into the Flax encoders by our loaders (`weights.load_swin`, `wei
 so both frameworks run the same weights; the outputs are compared before timing. Each encoder is
 timed forward (inference) and forward+backward (gradient of a scalar of the output with respect to
 every parameter), in turn, on the same CPU, at the same batch; dropout / drop-path are off in both.
-Single-threaded, both (fairer on a loaded machine):
-  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-      python benchmarks/encoders.py --torch_threads=1 ...
+One core each (per-core efficiency): pin the process, torch to one thread:
+  taskset -c 0 python benchmarks/encoders.py --torch_threads=1 ...
+(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" is not enough:
+XLA:CPU's matmuls still ran on both cores of the development machine with it.)
 --small: a narrow, shallow Swin (window 6) at 192² and a 2-layer BERT of width 128 (a quick check
 of the script).
 """
@@ -109,19 +110,18 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2, help='untimed calls first (compile)')
   parser.add_argument('--small', action='store_true')
-  parser.add_argument('--torch_threads', type=int, default=0, help='default: os.cpu_count()')
+  parser.add_argument('--torch_threads', type=int, default=0, help='default: the cores this process may use')
   parser.add_argument('--skip', default='', help="'swin' or 'bert': leave that encoder out")
   parser.add_argument('--json_out', default='')
   args = parser.parse_args()
   image_size = args.image_size or (192 if args.small else 480)
-  torch.set_num_threads(args.torch_threads or os.cpu_count())
+  torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
   torch.manual_seed(0)
   machine = common.machine_line(torch)
   print(machine)
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  jax_threads = ('1 thread (XLA_FLAGS)' if 'intra_op_parallelism_threads=1' in xla_flags
-                 else f'all {os.cpu_count()} cores (its default)')
-  print(f'jax: XLA:CPU intra-op pool = {jax_threads}; torch: '
+  cores = len(os.sched_getaffinity(0))
+  print(f'cores this process may use: {cores} of {os.cpu_count()}; jax: XLA:CPU default pool '
+        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch: "
         f'set_num_threads({torch.get_num_threads()})')
   rng = np.random.default_rng(0)
   rows, checks = [], {}

@@ -1,0 +1,25 @@
+"""The profiling benchmark runs end to end on the tiny config and attributes the time it saw."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_profile_ops_tables(tmp_path):
+  out = tmp_path / 'profile.json'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/profile_ops.py', '--config=configs/tiny.py', '--batch=2',
+       '--steps=1', '--target=vision_encoder', '--top=5', f'--json_out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'kind of op' in result.stdout and 'part of the model (pass)' in result.stdout
+  data = json.loads(out.read_text())
+  assert data['op_ms'] > 0
+  assert abs(sum(data['by_kind'].values()) - data['op_ms']) < 1e-6 * max(1.0, data['op_ms'])
+  assert data['by_kind'].get('dense matmuls (incl. weight gradients)', 0) > 0
+  # the Swin's stages appear, split into forward and backward
+  parts = set(data['by_part'])
+  assert any(p.startswith('layers_0/blocks_0 (forward)') for p in parts), parts
+  assert any(p.startswith('layers_0/blocks_0 (backward)') for p in parts), parts
