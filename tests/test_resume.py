@@ -2,8 +2,10 @@
 `python -m eavl_jax.train` on the synthetic fixture."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -97,3 +99,36 @@ def test_restore_of_another_config_names_the_mismatched_entries(tiny_trained, sy
   assert listed and all(l.strip().startswith('shape differs: params/') for l in listed[:10])
   assert any('params/decoder/' in l and '(2, 16) vs config (2, 24)' in l for l in listed), listed
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(synthetic_records, tmp_path):
+  """Preemption: SIGTERM mid-run -> checkpoint of the step reached, exit 0; a restart goes on."""
+  workdir = str(tmp_path / 'preempted')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop(trainer.KILL_AFTER_STEP_ENV, None)
+  args = [sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.data.data_dir={synthetic_records}',
+          '--config.train.num_steps=100000', '--config.train.checkpoint_every_steps=100000',
+          '--config.train.log_every_steps=1', '--config.train.eval_every_steps=0']
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 500
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(logged_losses(workdir)) >= 2:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, 'training ended before it could be preempted'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = checkpointing.make_manager(workdir, read_only=True).all_steps()
+  assert len(saved) == 1 and saved[0] >= 2, saved   # only the preemption save
+  step = saved[0]
+  assert f'checkpoint of step {step} saved' in out
+  assert max(logged_losses(workdir)) == step
+
+  proc = train(workdir, synthetic_records, f'--config.train.num_steps={step + 2}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'from step {step} on' in proc.stderr
+  assert sorted(logged_losses(workdir))[-3:] == [step, step + 1, step + 2]
