@@ -48,7 +48,15 @@ def _assert_same_run(got, want, got_prefix, want_prefix):
   want_params = _params(want, want_prefix + 'params/')
   assert sorted(got_params) == sorted(want_params) and want_params
   for name, value in want_params.items():
-    np.testing.assert_allclose(got_params[name], value, atol=TOL, rtol=TOL, err_msg=name)
+    # Sharding changes the order of the float32 sums (per-device partial gradients, then the
+    # all-reduce), and two SGD steps at lr 1 carry that rounding into the parameters: compare
+    # each tensor by its relative error in norm (1e-5), and every element loosely (1e-4), so that
+    # one cancelling sum (seen: one entry of 4096 2e-5 apart, on a value of 0.11) does not fail a
+    # correct reduction while a wrong one (a missing or doubled device share: O(1)) still does.
+    got_value = got_params[name]
+    error = np.linalg.norm(got_value - value) / max(np.linalg.norm(value), 1.0)
+    assert error <= TOL, f'{name}: relative error {error:.2e} > {TOL}'
+    np.testing.assert_allclose(got_value, value, atol=10 * TOL, rtol=10 * TOL, err_msg=name)
 
 
 @pytest.mark.parametrize('layout', ['data8', 'data2_fsdp4'])
