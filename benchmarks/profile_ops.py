@@ -126,7 +126,7 @@ def target_fn(step, batch_size, target):
   """-> (jitted function, its arguments, compiled HLO text)."""
   if target == 'step':
     state = jax.jit(step.init)(jax.random.PRNGKey(0))
-    batch = jax.tree.map(jnp.asarray, train_step_bench._random_batch(step.config, batch_size))  # pylint: disable=protected-access
+    batch = jax.tree.map(jnp.asarray, train_step_bench.random_batch(step.config, batch_size))
     fn = jax.jit(step.step_fn)  # not donated: the same state is fed to every profiled call
     args = (state, batch, jax.random.PRNGKey(1))
   else:
@@ -134,8 +134,8 @@ def target_fn(step, batch_size, target):
     inputs = eavl.dummy_inputs(step.config.model, batch_size)
     calls, _ = train_step_bench.capture_components(step.model, params, inputs)
     module, abstract_args, kwargs = calls['vision_encoder']
-    images = train_step_bench._concrete(abstract_args, 0)[0]  # pylint: disable=protected-access
-    sub = train_step_bench._concrete(params['vision_encoder'], 1)  # pylint: disable=protected-access
+    images = train_step_bench.concrete_like(abstract_args, 0)[0]
+    sub = train_step_bench.concrete_like(params['vision_encoder'], 1)
 
     def loss(p, x):
       outs = module.apply({'params': p}, x, **kwargs, rngs={'dropout': jax.random.PRNGKey(0)})
@@ -168,7 +168,7 @@ def print_table(title, counter, total):
 
 def main(argv):
   del argv
-  config = train_step_bench._config()  # pylint: disable=protected-access
+  config = train_step_bench.config_from_flags()
   step = train_step_bench.Step(config, FLAGS.batch)
   fn, args, hlo = target_fn(step, FLAGS.batch, FLAGS.target)
   totals, wall = profile(fn, args, FLAGS.steps)

@@ -66,14 +66,14 @@ PEAK_FLOPS = {
 }
 
 
-def _config():
+def config_from_flags():
   config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
   config.model.vision_encoder.pretrained = ''
   config.model.text_encoder.pretrained = ''
   return config
 
 
-def _random_batch(config, batch_size, seed=0):
+def random_batch(config, batch_size, seed=0):
   rng = np.random.default_rng(seed)
   s, l = config.model.image_size, config.model.max_tokens
   ids = rng.integers(1000, 30000, size=(batch_size, l)).astype(np.int32)
@@ -102,7 +102,7 @@ class Step:
     self.jitted = jax.jit(self.step_fn, donate_argnums=0)
     self.abstract_batch = {
         k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
-        for k, v in _random_batch(config, 1).items()}
+        for k, v in random_batch(config, 1).items()}
 
   def compile(self):
     """-> (compiled, seconds to lower, seconds to compile)."""
@@ -132,7 +132,7 @@ def flops_of(compiled):
 
 def time_step(step, compiled, steps):
   state = jax.jit(step.init)(jax.random.PRNGKey(0))
-  batch = jax.tree.map(jnp.asarray, _random_batch(step.config, step.batch_size))
+  batch = jax.tree.map(jnp.asarray, random_batch(step.config, step.batch_size))
   rng = jax.random.PRNGKey(1)
   times = []
   for i in range(steps + 1):
@@ -165,7 +165,7 @@ def capture_components(model, params, inputs):
   return calls, out_shapes
 
 
-def _concrete(abstract_args, seed):
+def concrete_like(abstract_args, seed):
   rng = np.random.default_rng(seed)
   def one(x):
     if not isinstance(x, jax.ShapeDtypeStruct):
@@ -188,7 +188,7 @@ def time_components(step, params, repeats):
   rngs = {'dropout': jax.random.PRNGKey(0)}
   rows = []
   for i, (name, (module, abstract_args, kwargs)) in enumerate(calls.items()):
-    args = _concrete(abstract_args, i)
+    args = concrete_like(abstract_args, i)
     is_float = [hasattr(a, 'dtype') and jnp.issubdtype(a.dtype, jnp.floating) for a in args]
 
     def run(p, float_args, module=module, kwargs=kwargs, args=args, is_float=is_float):
@@ -206,7 +206,7 @@ def time_components(step, params, repeats):
 
   logits = jnp.asarray(np.random.default_rng(0).normal(size=out_shapes['logits'].shape),
                        jnp.float32)
-  mask = jnp.asarray(_random_batch(step.config, step.batch_size)['mask'])
+  mask = jnp.asarray(random_batch(step.config, step.batch_size)['mask'])
   loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss))
   loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss)))
   rows.append(dict(component='loss',
@@ -315,7 +315,7 @@ def gpu_section(config, result):
 
 def main(argv):
   del argv
-  config = _config()
+  config = config_from_flags()
   machine = common.machine_line()
   print(machine)
   m = config.model

@@ -38,7 +38,8 @@ class Aligner(nn.Module):
 
     n_q = f_q.shape[1]
     sigma = KERNEL_ACTIVATIONS[self.kernel_activation]
-    f_pn = sigma(layers.Dense(9 * c_p + 1, dtype=self.dtype, name='kernel_generator')(f_q))  # eq. 11
+    f_pn = layers.Dense(9 * c_p + 1, dtype=self.dtype, name='kernel_generator')(f_q)
+    f_pn = sigma(f_pn)                                              # eq. 11
     kernels = f_pn[..., :9 * c_p].reshape(b, n_q, 3, 3, c_p)      # W_qn (B, N_q, 3, 3, C_p)
     bias = f_pn[..., 9 * c_p]                                       # (B, N_q)
     masks = dynamic_conv.dynamic_conv(f_p, kernels, bias, self.conv_impl)  # eq. 12: (B, N_q, 4H3, 4W3)
@@ -46,7 +47,7 @@ class Aligner(nn.Module):
 
     if self.use_estimator and n_q > 1:  # one query: softmax of one score is 1, nothing to estimate
       s = layers.MultiHeadDotProductAttention(num_heads=self.estimator_heads, dtype=self.dtype,
-                                          name='estimator_attention')(f_q)
+                                              name='estimator_attention')(f_q)
       s = layers.Dense(1, dtype=self.dtype, name='estimator_score')(s)[..., 0]
       scores = jax.nn.softmax(s.astype(jnp.float32), axis=-1)      # eq. 13: S_q (B, N_q)
     else:
