@@ -127,7 +127,8 @@ def prepare_data(config, workdir):
   from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   root = os.path.join(workdir, 'data')
   data_dir = os.path.join(root, 'tfds')
-  done = os.path.join(root, 'BUILT')
+  done = os.path.join(root, 'BUILT')   # holds what was generated: a changed config must not reuse it
+  wanted = {'synthetic_images': config.data.synthetic_images, 'seed': config.seed}
   if jax.process_index() == 0 and not os.path.exists(done):
     n = config.data.synthetic_images
     logging.info('generating %d synthetic images into %s', n, root)
@@ -135,9 +136,17 @@ def prepare_data(config, workdir):
     logging.info('synthetic refs per split: %s', counts)
     build.build('synthetic', os.path.join(root, 'raw'), os.path.join(root, 'raw', 'images'),
                 data_dir, log=logging.info)
-    open(done, 'w').close()
+    with open(done, 'w') as f:
+      json.dump(wanted, f)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthetic data built')
+  with open(done) as f:
+    text = f.read()
+  built = json.loads(text) if text.strip() else wanted   # an empty BUILT: written before this check
+  if built != wanted:
+    raise ValueError(f'{root} holds the synthetic data of {built}; this config asks for {wanted} '
+                     '(data.synthetic_images, seed): use another --workdir, or delete that folder '
+                     'to generate it again')
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.data_dir = data_dir
   return config

@@ -1,0 +1,57 @@
+"""The entry point's host set-up: glibc malloc tunables for XLA:CPU's per-step temporaries."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eavl_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('environ,glibc,thp,wanted', [
+    ({}, 'glibc 2.36', 'madvise', True),
+    ({}, 'glibc 2.35', 'always', True),
+    ({}, 'glibc 2.34', 'madvise', False),         # the tunable does not exist yet
+    ({}, 'glibc 2.36', 'never', False),           # no transparent huge pages
+    ({}, None, 'madvise', False),                 # not glibc (musl, macOS)
+    ({}, 'glibc 2.36', None, False),              # no THP interface (not Linux)
+    ({'GLIBC_TUNABLES': ''}, 'glibc 2.36', 'madvise', False),   # the user's choice, or done
+])
+def test_malloc_tunables_wanted(environ, glibc, thp, wanted):
+  assert train.malloc_tunables_wanted(environ, glibc, thp) is wanted
+
+
+def test_entry_point_restarts_with_the_tunables(tmp_path):
+  """`python -m eavl_jax.train` logs the tunables it runs under: set by its re-exec where this
+  machine supports them, left alone (here: unset) where the caller chose."""
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  args = [sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
+          f'--workdir={tmp_path}', f'--config.data.data_dir={tmp_path}/no_such_data',
+          '--config.train.num_steps=1']
+  out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  expected = (train.MALLOC_TUNABLES
+              if train.malloc_tunables_wanted(env, *train.host_facts()) else 'None')
+  assert f'GLIBC_TUNABLES={expected}' in out.stderr, out.stderr[-2000:]
+
+  env['GLIBC_TUNABLES'] = 'glibc.malloc.check=0'
+  out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert 'GLIBC_TUNABLES=glibc.malloc.check=0' in out.stderr, out.stderr[-2000:]
+
+
+def test_synthetic_data_of_another_config_is_not_reused(tmp_path):
+  from configs import tiny   # pylint: disable=g-import-not-at-top
+  from eavl_jax import trainer   # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  (tmp_path / 'data').mkdir()
+  built = tmp_path / 'data' / 'BUILT'
+  built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images + 1,
+                               'seed': config.seed}))
+  with pytest.raises(ValueError, match='synthetic_images'):
+    trainer.prepare_data(config, str(tmp_path))
+  built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images,
+                               'seed': config.seed}))
+  prepared = trainer.prepare_data(config, str(tmp_path))     # the same config: reused as it is
+  assert prepared.data.data_dir == str(tmp_path / 'data' / 'tfds')
