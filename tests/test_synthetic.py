@@ -2,6 +2,8 @@
 import collections
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -9,6 +11,8 @@ from pycocotools import coco as coco_api
 import pytest
 
 from data_prep import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Area of a shape of circumradius r, over r² (geometry of synthetic._polygon's outlines).
 _AREA_OVER_R2 = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4, 'diamond': 2.5}
@@ -109,3 +113,26 @@ def test_kind_alone_is_ambiguous_in_most_refs(tmp_path):
 def test_parse_rejects_text_outside_the_grammar():
   with pytest.raises(ValueError, match='outside the synthetic grammar'):
     synthetic.parse('the purple hexagon')
+
+
+def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
+  from data_prep import synthetic_errors  # pylint: disable=g-import-not-at-top
+  assert synthetic_errors.family(synthetic.parse('the leftmost red square')) == (
+      'superlative / position')
+  assert synthetic_errors.family(synthetic.parse('the small circle')) == 'attributes (size+kind)'
+  assert synthetic_errors.family(synthetic.parse('the square above the blue circle')) == 'relation'
+  c = tiny_trained.config()
+  result = subprocess.run(
+      [sys.executable, '-m', 'data_prep.synthetic_errors', '--config=configs/tiny.py',
+       f'--config.data.data_dir={c.data.data_dir}',
+       f'--config.data.eval_max_size={c.data.eval_max_size}', f'--workdir={tiny_trained.workdir}',
+       f'--raw_dir={synthetic_raw}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = {line[:44].strip(): line[44:].split() for line in result.stdout.splitlines()[2:]}
+  with open(os.path.join(synthetic_raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    val_sentences = sum(len(r['sentences']) for r in pickle.load(f) if r['split'] == 'val')
+  assert int(rows['all'][0]) == val_sentences > 0
+  families = [k for k in rows if k in ('attributes', 'relation', 'superlative / position')]
+  assert sum(int(rows[k][0]) for k in families) == val_sentences
+  assert all(0.0 <= float(v[1]) <= 1.0 for v in rows.values())

@@ -1,0 +1,103 @@
+"""Where a model trained on the synthetic task errs: val IoU by kind of expression and target size.
+
+  python -m data_prep.synthetic_errors --config=configs/synthetic.py --workdir=DIR
+      [--checkpoint=STEP] [--split=val] [--raw_dir=<workdir>/data/raw]
+
+Every expression of the split is predicted once (the evaluation's own loader and metrics); its
+text is parsed with the generator's grammar (`synthetic.parse`) into a family (attributes only, a
+superlative / position, a relation) and, for attribute-only expressions, the attributes it names;
+the target's size ('small' / 'large') is the one the generator recorded. Prints n, mIoU, Pr@0.5
+and the mean IoU of the hits (IoU > 0.5) per group. docs/synthetic.md holds a run.
+"""
+import collections
+import json
+import os
+import pickle
+
+from absl import app
+from absl import flags
+import numpy as np
+from ml_collections import config_flags
+
+from data_prep import synthetic
+
+config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Experiment config file.',
+                                lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (with data/raw from training).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step of --workdir; default the latest.')
+_SPLIT = flags.DEFINE_string('split', 'val', 'Split to analyse.')
+_RAW_DIR = flags.DEFINE_string('raw_dir', None, 'The generated refer files; default '
+                               '<workdir>/data/raw (where training generates them).')
+
+
+def family(expr):
+  if expr.relation is not None:
+    return 'relation'
+  if expr.extreme is not None:
+    return 'superlative / position'
+  named = [a for a in ('size', 'colour', 'kind') if getattr(expr.target, a)]
+  return 'attributes (' + ('+'.join(named) or 'none') + ')'
+
+
+def target_sizes(raw_dir):
+  """ref_id -> the recorded size of its object."""
+  with open(os.path.join(raw_dir, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    refs = pickle.load(f)
+  with open(os.path.join(raw_dir, 'synthetic', 'instances.json')) as f:
+    size_of_ann = {a['id']: a['size'] for a in json.load(f)['annotations']}
+  return {r['ref_id']: size_of_ann[r['ann_id']] for r in refs}
+
+
+def per_expression_iou(config, workdir, checkpoint, split):
+  """-> [(ref_id, sentence_index, IoU)] for every expression of `split`."""
+  # pylint: disable=g-import-not-at-top
+  from eavl_jax import evaluate
+  from eavl_jax import input_pipeline
+  from eavl_jax import metrics
+  from eavl_jax import sharding
+  from eavl_jax import trainer
+  from eavl_jax.models import eavl
+  params, _ = evaluate.restore_params(config, workdir, checkpoint)
+  mesh = sharding.make_mesh(config.mesh)
+  predict = trainer.make_predict_fn(eavl.build_model(config.model))
+  loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
+                                           batch_size=config.train.eval_batch_size)
+  rows = []
+  for batch in loader:
+    g = sharding.global_batch({k: batch[k] for k in metrics.EVAL_KEYS}, mesh)
+    inter, union = metrics.batch_intersection_union(predict(params, g), g['mask_orig'],
+                                                    g['orig_size'])
+    inter, union = np.asarray(inter), np.asarray(union)
+    for j in np.nonzero(batch['valid'])[0]:
+      rows.append((int(batch['ref_id'][j]), int(batch['sentence_index'][j]),
+                   inter[j] / max(union[j], 1)))
+  return rows
+
+
+def main(argv):
+  del argv
+  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
+  if _WORKDIR.value is None:
+    raise app.UsageError('--workdir is required')
+  config = trainer.prepare_data(flags.FLAGS.config, _WORKDIR.value)
+  raw = _RAW_DIR.value or os.path.join(_WORKDIR.value, 'data', 'raw')
+  with open(os.path.join(raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    texts = {r['ref_id']: [s['sent'] for s in r['sentences']] for r in pickle.load(f)}
+  sizes = target_sizes(raw)
+  groups = collections.defaultdict(list)
+  for ref_id, j, iou in per_expression_iou(config, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value):
+    fam = family(synthetic.parse(texts[ref_id][j]))
+    top = fam.split(' (')[0]
+    for g in {'all', top, f'{top}, {sizes[ref_id]} target', fam}:
+      groups[g].append(iou)
+  print(f'{_SPLIT.value}: IoU per expression, grouped')
+  print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}')
+  for g in sorted(groups, key=lambda g: (g != 'all', g)):
+    v = np.asarray(groups[g])
+    hits = v[v > 0.5]
+    print(f'{g:<44}{len(v):>6}{v.mean():>8.3f}{(v > 0.5).mean():>8.3f}'
+          f'{hits.mean() if len(hits) else float("nan"):>13.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
