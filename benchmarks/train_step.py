@@ -46,14 +46,19 @@ from eavl_jax import train_state as train_state_lib  # pylint: disable=wrong-imp
 from eavl_jax import trainer  # pylint: disable=wrong-import-position
 from eavl_jax.models import eavl  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/refcoco.py', 'Experiment config file.')
-flags.DEFINE_integer('batch', 1, 'per-device batch of the timed step')
-flags.DEFINE_integer('steps', 3, 'timed steps (median) after one warm-up step')
-flags.DEFINE_boolean('components', True, 'time every component alone')
-flags.DEFINE_boolean('memory_table', True, 'compile (no run) the 4 remat x dtype variants')
-flags.DEFINE_integer('memory_batch', 4, 'per-device batch of the memory table')
-flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', 'configs/refcoco.py', 'Experiment config file.')
+  flags.DEFINE_integer('batch', 1, 'per-device batch of the timed step')
+  flags.DEFINE_integer('steps', 3, 'timed steps (median) after one warm-up step')
+  flags.DEFINE_boolean('components', True, 'time every component alone')
+  flags.DEFINE_boolean('memory_table', True, 'compile (no run) the 4 remat x dtype variants')
+  flags.DEFINE_integer('memory_batch', 4, 'per-device batch of the memory table')
+  flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
+
 
 # Dense peak FLOP/s by device_kind substring (first match): (bfloat16, float32). float32 uses the
 # TF32 tensor-core peak, since JAX's default matmul precision runs float32 matmuls as TF32 on these
@@ -67,7 +72,7 @@ PEAK_FLOPS = {
 
 
 def config_from_flags():
-  config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
+  config = ml_collections.ConfigDict(FLAGS.config.to_dict())
   config.model.vision_encoder.pretrained = ''
   config.model.text_encoder.pretrained = ''
   return config
@@ -375,4 +380,5 @@ def save(out):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -21,13 +21,18 @@ from ml_collections import config_flags
 
 from data_prep import synthetic
 
-config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Experiment config file.',
-                                lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (with data/raw from training).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step of --workdir; default the latest.')
-_SPLIT = flags.DEFINE_string('split', 'val', 'Split to analyse.')
-_RAW_DIR = flags.DEFINE_string('raw_dir', None, 'The generated refer files; default '
-                               '<workdir>/data/raw (where training generates them).')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Experiment config file.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir (with data/raw from training).')
+  flags.DEFINE_string('checkpoint', None, 'A step of --workdir; default the latest.')
+  flags.DEFINE_string('split', 'val', 'Split to analyse.')
+  flags.DEFINE_string('raw_dir', None, 'The generated refer files; default '
+                      '<workdir>/data/raw (where training generates them).')
 
 
 def family(expr):
@@ -77,20 +82,20 @@ def per_expression_iou(config, workdir, checkpoint, split):
 def main(argv):
   del argv
   from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
-  if _WORKDIR.value is None:
+  if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
-  config = trainer.prepare_data(flags.FLAGS.config, _WORKDIR.value)
-  raw = _RAW_DIR.value or os.path.join(_WORKDIR.value, 'data', 'raw')
+  config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
+  raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
   with open(os.path.join(raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
     texts = {r['ref_id']: [s['sent'] for s in r['sentences']] for r in pickle.load(f)}
   sizes = target_sizes(raw)
   groups = collections.defaultdict(list)
-  for ref_id, j, iou in per_expression_iou(config, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value):
+  for ref_id, j, iou in per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split):
     fam = family(synthetic.parse(texts[ref_id][j]))
     top = fam.split(' (')[0]
     for g in {'all', top, f'{top}, {sizes[ref_id]} target', fam}:
       groups[g].append(iou)
-  print(f'{_SPLIT.value}: IoU per expression, grouped')
+  print(f'{FLAGS.split}: IoU per expression, grouped')
   print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}')
   for g in sorted(groups, key=lambda g: (g != 'all', g)):
     v = np.asarray(groups[g])
@@ -100,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -21,8 +21,13 @@ from eavl_jax.weights import files
 from eavl_jax.weights import report
 from eavl_jax.weights import swin
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
-_OUT = flags.DEFINE_string('out', None, 'Folder for the converted encoders.')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+  flags.DEFINE_string('out', None, 'Folder for the converted encoders.')
 
 
 def convert(model_config, out_dir):
@@ -57,11 +62,12 @@ def convert(model_config, out_dir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _OUT.value is None:
+  if FLAGS.config is None or FLAGS.out is None:
     raise app.UsageError('--config and --out are required')
-  overrides = convert(_CONFIG.value.model, _OUT.value)
+  overrides = convert(FLAGS.config.model, FLAGS.out)
   print('converted; train with\n  ' + ' \\\n  '.join(overrides))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -16,9 +16,13 @@ from ml_collections import config_flags
 
 from eavl_jax import distributed
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and metrics.')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and metrics.')
 
 
 def quiet_libraries():
@@ -66,7 +70,7 @@ def host_facts():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
   if malloc_tunables_wanted(os.environ, *host_facts()):
     os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
@@ -78,7 +82,7 @@ def main(argv):
                jax.devices()[0].platform)
   from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     # Bad config / data / checkpoint: the message names the field, file or entries.
     print(f'error: {e}', file=sys.stderr, flush=True)
@@ -86,5 +90,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   jax.config.config_with_absl()
   app.run(main)
