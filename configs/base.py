@@ -92,6 +92,9 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 0.0
+  # False: on the S/4 logits against the ground truth resized to them (DESIGN.md, CRIS). True: on
+  # the logits upsampled bilinearly to the input size, as evaluation upsamples them (LAVT).
+  c.loss.at_input_size = False
 
   # ---------------------------------------------------------------- optimisation
   c.optim = o = ml_collections.ConfigDict()

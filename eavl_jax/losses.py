@@ -1,4 +1,9 @@
-"""The training loss: binary cross-entropy with logits on the S/4 map (DESIGN.md), optional dice."""
+"""The training loss: binary cross-entropy with logits, optional dice.
+
+Where (config.loss.at_input_size): on the S/4 map against the ground truth resized to it by
+nearest (DESIGN.md, CRIS), or on the logits upsampled bilinearly to the input size S against
+the ground truth as it comes (LAVT), the resize evaluation applies before thresholding.
+"""
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,9 +21,18 @@ def dice_loss(logits, target, eps=1.0):
   return 1.0 - (2.0 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)  # (B,)
 
 
+def upsample_logits(logits, height, width):
+  """(B, h, w) -> (B, height, width): bilinear, half-pixel centres, as metrics.upsample_to_canvas."""
+  return jax.image.resize(logits, (logits.shape[0], height, width), 'linear', antialias=False)
+
+
 def per_sample_loss(logits, gt_mask, loss_config):
   """logits (B, h, w) float32, gt_mask (B, S, S) -> (B,)."""
-  target = resize_mask(gt_mask, *logits.shape[1:])
+  if loss_config.at_input_size:
+    logits = upsample_logits(logits, *gt_mask.shape[1:])                    # (B, S, S)
+    target = gt_mask.astype(jnp.float32)
+  else:
+    target = resize_mask(gt_mask, *logits.shape[1:])                        # (B, h, w)
   loss = loss_config.bce_weight * optax.sigmoid_binary_cross_entropy(logits, target).mean((1, 2))
   if loss_config.dice_weight:
     loss = loss + loss_config.dice_weight * dice_loss(logits, target)
