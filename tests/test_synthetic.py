@@ -136,3 +136,28 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   families = [k for k in rows if k in ('attributes', 'relation', 'superlative / position')]
   assert sum(int(rows[k][0]) for k in families) == val_sentences
   assert all(0.0 <= float(v[1]) <= 1.0 for v in rows.values())
+
+
+def test_probe_accuracy_separable_and_random_labels():
+  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  labels = list(rng.integers(0, 3, 400))
+  separable = np.eye(3)[labels] + 0.1 * rng.normal(size=(400, 3))
+  acc, majority = synthetic_probe.probe_accuracy(separable, labels)
+  assert acc == 1.0 and majority < 0.5
+  acc, _ = synthetic_probe.probe_accuracy(rng.normal(size=(400, 3)), labels)   # nothing to find
+  assert acc < 0.6
+
+
+def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
+  c = tiny_trained.config()
+  result = subprocess.run(
+      [sys.executable, '-m', 'data_prep.synthetic_probe', '--config=configs/tiny.py',
+       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
+       f'--raw_dir={synthetic_raw}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line.split() for line in result.stdout.splitlines()[2:]]
+  assert [(r[0], r[1]) for r in rows] == [(a, l) for a in ('kind', 'colour', 'size')
+                                          for l in ('S/8', 'S/16')]
+  assert all(0.0 <= float(r[2]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 for r in rows)

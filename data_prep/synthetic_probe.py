@@ -1,0 +1,136 @@
+"""What a trained model's vision encoder knows of the synthetic shapes: linear probes.
+
+  python -m data_prep.synthetic_probe --config=configs/synthetic.py --workdir=DIR
+      [--checkpoint=STEP | --checkpoint=init] [--images=1200] [--raw_dir=<workdir>/data/raw]
+
+For every shape of the first --images images, the features of the S/8 and S/16 cells under its
+centre (the LayerNormed Swin maps x2, x3 that the neck reads) are collected; a softmax regression
+is fitted on 75% of the shapes and scored on the rest, once per attribute (kind, colour, size).
+`--checkpoint=init` probes the freshly initialised model: the floor that training should lift.
+Prints held-out accuracy beside the majority-class rate. docs/synthetic.md holds a run.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+import optax
+from PIL import Image
+
+FLAGS = flags.FLAGS
+LEVELS = {'S/8': 'vision_norm_2', 'S/16': 'vision_norm_3'}
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Experiment config file.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir (with data/raw from training).')
+  flags.DEFINE_string('checkpoint', None, "A step of --workdir (default the latest), or 'init'.")
+  flags.DEFINE_integer('images', 1200, 'Images whose shapes are probed.')
+  flags.DEFINE_string('raw_dir', None, 'The generated refer files; default <workdir>/data/raw.')
+
+
+def probe_accuracy(features, labels, train_share=0.75, steps=500, l2=1e-3):
+  """Softmax regression on standardised features: held-out accuracy, majority-class rate."""
+  x = np.asarray(features, np.float32)
+  x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+  classes = sorted(set(labels))
+  y = np.array([classes.index(v) for v in labels])
+  n = int(train_share * len(y))
+  w = (jnp.zeros((x.shape[1], len(classes))), jnp.zeros(len(classes)))
+
+  def loss(w):
+    logp = jax.nn.log_softmax(x[:n] @ w[0] + w[1])
+    return -logp[jnp.arange(n), y[:n]].mean() + l2 * jnp.sum(w[0] ** 2)
+
+  tx = optax.adam(1e-2)
+  opt = tx.init(w)
+
+  @jax.jit
+  def step(w, opt):
+    updates, opt = tx.update(jax.grad(loss)(w), opt)
+    return optax.apply_updates(w, updates), opt
+
+  for _ in range(steps):
+    w, opt = step(w, opt)
+  predicted = np.argmax(x[n:] @ np.asarray(w[0]) + np.asarray(w[1]), 1)
+  return float((predicted == y[n:]).mean()), float(np.bincount(y).max() / len(y))
+
+
+def shape_features(config, params, raw_dir, num_images, batch_size=50):
+  """-> ({level: (N, D)}, {attribute: [N values]}) for the shapes of the first images."""
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(raw_dir, 'synthetic', 'instances.json')) as f:
+    instances = json.load(f)
+  kinds = {c['id']: c['name'] for c in instances['categories']}
+  shapes = {}
+  for a in instances['annotations']:
+    shapes.setdefault(a['image_id'], []).append(a)
+  images = [im for im in instances['images'] if im['id'] in shapes][:num_images]
+  model = eavl.build_model(config.model)
+  s, length = config.model.image_size, config.model.max_tokens
+  ids = np.zeros((1, length), np.int32)
+  ids[0, :2] = (101, 102)                              # an empty expression: [CLS] [SEP]
+  mask = (ids > 0).astype(np.int32)
+
+  @jax.jit
+  def maps(x):
+    n = x.shape[0]
+    _, state = model.apply({'params': params}, x, np.repeat(ids, n, 0), np.repeat(mask, n, 0),
+                           capture_intermediates=lambda m, _: m.name in LEVELS.values())
+    return {k: state['intermediates'][v]['__call__'][0] for k, v in LEVELS.items()}
+
+  features = {k: [] for k in LEVELS}
+  attributes = {'kind': [], 'colour': [], 'size': []}
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    x = np.stack([(np.asarray(Image.open(os.path.join(raw_dir, 'images', im['file_name']))
+                              .convert('RGB').resize((s, s), Image.BILINEAR), np.float32)
+                   - input_pipeline.MEAN_RGB) / input_pipeline.STD_RGB for im in chunk])
+    out = jax.device_get(maps(x))
+    for b, im in enumerate(chunk):
+      for a in shapes[im['id']]:
+        cx, cy = a['center'][0] * s / im['width'], a['center'][1] * s / im['height']
+        for level, m in out.items():
+          cells = m.shape[1]
+          features[level].append(m[b, min(int(cy * cells / s), cells - 1),
+                                   min(int(cx * cells / s), cells - 1)])
+        attributes['kind'].append(kinds[a['category_id']])
+        attributes['colour'].append(a['colour'])
+        attributes['size'].append(a['size'])
+  return features, attributes
+
+
+def main(argv):
+  del argv
+  from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  if FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required')
+  config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
+  if FLAGS.checkpoint == 'init':
+    params = eavl.build_model(config.model).init(
+        jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))['params']
+  else:
+    params, _ = evaluate.restore_params(config, FLAGS.workdir, FLAGS.checkpoint)
+  raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
+  features, attributes = shape_features(config, params, raw, FLAGS.images)
+  print(f'linear probes of the vision features at shape centres ({len(attributes["kind"])} '
+        f'shapes, checkpoint {FLAGS.checkpoint or "latest"})')
+  print(f'{"attribute":<10}{"level":<7}{"held-out acc":>13}{"majority":>10}')
+  for name, values in attributes.items():
+    for level, f in features.items():
+      acc, majority = probe_accuracy(f, values)
+      print(f'{name:<10}{level:<7}{acc:>13.3f}{majority:>10.3f}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
