@@ -11,6 +11,7 @@ Prints held-out accuracy beside the majority-class rate. docs/synthetic.md holds
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -119,7 +120,10 @@ def main(argv):
     params = eavl.build_model(config.model).init(
         jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))['params']
   else:
-    params, _ = evaluate.restore_params(config, FLAGS.workdir, FLAGS.checkpoint)
+    try:
+      params, _ = evaluate.restore_params(config, FLAGS.workdir, FLAGS.checkpoint)
+    except (ValueError, FileNotFoundError) as e:     # no such step, another config: one line
+      sys.exit(evaluate.error_message(e))
   raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
   features, attributes = shape_features(config, params, raw, FLAGS.images)
   print(f'linear probes of the vision features at shape centres ({len(attributes["kind"])} '

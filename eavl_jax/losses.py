@@ -22,8 +22,9 @@ def dice_loss(logits, target, eps=1.0):
 
 
 def upsample_logits(logits, height, width):
-  """(B, h, w) -> (B, height, width): bilinear, half-pixel centres, as metrics.upsample_to_canvas."""
-  return jax.image.resize(logits, (logits.shape[0], height, width), 'linear', antialias=False)
+  """(..., h, w) -> (..., height, width): bilinear, half-pixel centres, the resize of evaluation
+  (metrics.upsample_to_canvas) and of predict.py."""
+  return jax.image.resize(logits, logits.shape[:-2] + (height, width), 'linear', antialias=False)
 
 
 def per_sample_loss(logits, gt_mask, loss_config):

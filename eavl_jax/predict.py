@@ -22,6 +22,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from eavl_jax import evaluate
+from eavl_jax import losses
 
 FLAGS = flags.FLAGS
 PANEL_SIZE = 192     # long side of a per-query panel, pixels
@@ -69,11 +70,6 @@ def tokenize(config, text):
           np.asarray(tokens['attention_mask'], np.int32)[None])
 
 
-def resize_logits(logits, height, width):
-  """(..., h, w) -> (..., height, width), the bilinear resize of evaluation (metrics.py)."""
-  return jax.image.resize(logits, logits.shape[:-2] + (height, width), 'linear', antialias=False)
-
-
 def predict(config, params, image_path, text):
   """-> dict: 'rgb' (H, W, 3) uint8, 'logits' (H, W) float32 at the original size, 'mask' (H, W)
   bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
@@ -84,7 +80,7 @@ def predict(config, params, image_path, text):
   out = jax.jit(lambda p, *x: model.apply({'params': p}, *x, train=False))(
       params, image, input_ids, attention_mask)
   h, w = rgb.shape[:2]
-  logits = np.asarray(resize_logits(out['logits'][0], h, w))        # (H, W)
+  logits = np.asarray(losses.upsample_logits(out['logits'][0], h, w))   # (H, W)
   return {'rgb': rgb, 'logits': logits, 'mask': logits > 0,
           'query_logits': np.asarray(out['masks'][0]), 'scores': np.asarray(out['scores'][0])}
 
@@ -102,7 +98,7 @@ def query_panels(rgb, query_logits, scores):
   scale = PANEL_SIZE / max(h, w)
   ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
   small = np.asarray(Image.fromarray(rgb).resize((pw, ph), Image.BILINEAR))
-  probs = np.asarray(jax.nn.sigmoid(resize_logits(query_logits, ph, pw)))  # (N_q, ph, pw)
+  probs = np.asarray(jax.nn.sigmoid(losses.upsample_logits(query_logits, ph, pw)))  # (N_q, ph, pw)
   panels = []
   for n, (p, s) in enumerate(zip(probs, scores)):
     canvas = Image.new('RGB', (pw, ph + CAPTION_HEIGHT), 'white')

@@ -161,3 +161,9 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert [(r[0], r[1]) for r in rows] == [(a, l) for a in ('kind', 'colour', 'size')
                                           for l in ('S/8', 'S/16')]
   assert all(0.0 <= float(r[2]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 for r in rows)
+  missing = subprocess.run(
+      [sys.executable, '-m', 'data_prep.synthetic_probe', '--config=configs/tiny.py',
+       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
+       f'--raw_dir={synthetic_raw}', '--checkpoint=77'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
