@@ -6,10 +6,14 @@
 Every expression of the split is predicted once (the evaluation's own loader and metrics); its
 text is parsed with the generator's grammar (`synthetic.parse`) into a family (attributes only, a
 superlative / position, a relation) and, for attribute-only expressions, the attributes it names;
-the target's size ('small' / 'large') is the one the generator recorded. Prints n, mIoU, Pr@0.5
-and the mean IoU of the hits (IoU > 0.5) per group. docs/synthetic.md holds a run.
+the target's size ('small' / 'large') is the one the generator recorded. Prints n, mIoU, Pr@0.5,
+the mean IoU of the hits (IoU > 0.5), and `select`: how often the shape of the image that the
+predicted mask overlaps best (IoU) is the target, which tells a wrong choice of object from a
+poor mask of the right one. docs/synthetic.md holds a run.
 """
 import collections
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -18,6 +22,7 @@ from absl import app
 from absl import flags
 import numpy as np
 from ml_collections import config_flags
+from pycocotools import coco as coco_api
 
 from data_prep import synthetic
 
@@ -54,7 +59,7 @@ def target_sizes(raw_dir):
 
 
 def per_expression_iou(config, workdir, checkpoint, split):
-  """-> [(ref_id, sentence_index, IoU)] for every expression of `split`."""
+  """-> [(ref_id, sentence_index, IoU, predicted mask (H, W) bool)] for every expression."""
   # pylint: disable=g-import-not-at-top
   from eavl_jax import evaluate
   from eavl_jax import input_pipeline
@@ -70,13 +75,22 @@ def per_expression_iou(config, workdir, checkpoint, split):
   rows = []
   for batch in loader:
     g = sharding.global_batch({k: batch[k] for k in metrics.EVAL_KEYS}, mesh)
-    inter, union = metrics.batch_intersection_union(predict(params, g), g['mask_orig'],
-                                                    g['orig_size'])
+    logits = predict(params, g)
+    inter, union = metrics.batch_intersection_union(logits, g['mask_orig'], g['orig_size'])
     inter, union = np.asarray(inter), np.asarray(union)
+    foreground = np.asarray(metrics.upsample_to_canvas(
+        logits, g['orig_size'], config.data.eval_max_size)) > 0               # (B, M, M)
     for j in np.nonzero(batch['valid'])[0]:
+      h, w = batch['orig_size'][j]
       rows.append((int(batch['ref_id'][j]), int(batch['sentence_index'][j]),
-                   inter[j] / max(union[j], 1)))
+                   inter[j] / max(union[j], 1), foreground[j, :h, :w]))
   return rows
+
+
+def selects_target(pred, shape_masks, target):
+  """Whether the shape the prediction overlaps best (IoU, > 0) is `target`."""
+  ious = [(pred & m).sum() / max((pred | m).sum(), 1) for m in shape_masks]
+  return bool(ious[target] > 0 and int(np.argmax(ious)) == target)
 
 
 def main(argv):
@@ -87,21 +101,31 @@ def main(argv):
   config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
   raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
   with open(os.path.join(raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
-    texts = {r['ref_id']: [s['sent'] for s in r['sentences']] for r in pickle.load(f)}
+    refs = pickle.load(f)
+  texts = {r['ref_id']: [s['sent'] for s in r['sentences']] for r in refs}
+  ref_object = {r['ref_id']: (r['image_id'], r['ann_id']) for r in refs}
   sizes = target_sizes(raw)
+  with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
+    coco = coco_api.COCO(os.path.join(raw, 'synthetic', 'instances.json'))
   groups = collections.defaultdict(list)
-  for ref_id, j, iou in per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split):
+  for ref_id, j, iou, pred in per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint,
+                                                 FLAGS.split):
+    image_id, ann_id = ref_object[ref_id]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    selected = selects_target(pred, [coco.annToMask(a) > 0 for a in anns],
+                              [a['id'] for a in anns].index(ann_id))
     fam = family(synthetic.parse(texts[ref_id][j]))
     top = fam.split(' (')[0]
     for g in {'all', top, f'{top}, {sizes[ref_id]} target', fam}:
-      groups[g].append(iou)
+      groups[g].append((iou, selected))
   print(f'{FLAGS.split}: IoU per expression, grouped')
-  print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}')
+  print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}{"select":>8}')
   for g in sorted(groups, key=lambda g: (g != 'all', g)):
-    v = np.asarray(groups[g])
+    v = np.asarray([iou for iou, _ in groups[g]])
     hits = v[v > 0.5]
     print(f'{g:<44}{len(v):>6}{v.mean():>8.3f}{(v > 0.5).mean():>8.3f}'
-          f'{hits.mean() if len(hits) else float("nan"):>13.3f}')
+          f'{hits.mean() if len(hits) else float("nan"):>13.3f}'
+          f'{np.mean([sel for _, sel in groups[g]]):>8.3f}')
 
 
 if __name__ == '__main__':

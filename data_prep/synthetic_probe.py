@@ -7,7 +7,12 @@ For every shape of the first --images images, the features of the S/8 and S/16 c
 centre (the LayerNormed Swin maps x2, x3 that the neck reads) are collected; a softmax regression
 is fitted on 75% of the shapes and scored on the rest, once per attribute (kind, colour, size).
 `--checkpoint=init` probes the freshly initialised model: the floor that training should lift.
-Prints held-out accuracy beside the majority-class rate. docs/synthetic.md holds a run.
+Prints held-out accuracy beside the majority-class rate.
+
+Then the multi-query generator's word attention A (eq. 9) on val expressions: its entropy over
+the words over that of the uniform distribution (1.0: every word weighted alike) and the mean
+total-variation distance between two queries' attentions (0.0: all N_q queries are the same
+mix of words, the multi-query design has collapsed into one query). docs/synthetic.md holds a run.
 """
 import json
 import os
@@ -108,6 +113,45 @@ def shape_features(config, params, raw_dir, num_images, batch_size=50):
   return features, attributes
 
 
+def attention_spread(attention, text_mask):
+  """A (B, N_q, L), text_mask (B, L) -> (mean entropy / log(#words), mean total-variation
+  distance between two queries' word distributions)."""
+  a = np.asarray(attention, np.float64)
+  words = np.asarray(text_mask).sum(1)                                   # (B,)
+  entropy = -(a * np.log(np.where(a > 0, a, 1.0))).sum(-1)               # (B, N_q)
+  relative = entropy / np.log(np.maximum(words, 2))[:, None]
+  n_q = a.shape[1]
+  if n_q < 2:
+    return float(relative.mean()), 0.0
+  pairs = [0.5 * np.abs(a[:, i] - a[:, j]).sum(-1) for i in range(n_q) for j in range(i + 1, n_q)]
+  return float(relative.mean()), float(np.mean(pairs))
+
+
+def word_attention(config, params, split, max_batches=10):
+  """-> (A (N, N_q, L), text masks (N, L)) of the model on `split`'s first batches."""
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  model = eavl.build_model(config.model)
+
+  @jax.jit
+  def attention(image, input_ids, text_mask):
+    _, state = model.apply({'params': params}, image, input_ids, text_mask,
+                           mutable=['intermediates'])
+    return state['intermediates']['query_generator']['word_attention'][0]
+
+  loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
+                                           batch_size=config.train.eval_batch_size)
+  out, masks = [], []
+  for i, batch in enumerate(loader):
+    if i == max_batches:
+      break
+    keep = np.asarray(batch['valid'], bool)
+    a = jax.device_get(attention(batch['image'], batch['input_ids'], batch['attention_mask']))
+    out.append(a[keep])
+    masks.append(np.asarray(batch['attention_mask'])[keep])
+  return np.concatenate(out), np.concatenate(masks)
+
+
 def main(argv):
   del argv
   from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -133,6 +177,12 @@ def main(argv):
     for level, f in features.items():
       acc, majority = probe_accuracy(f, values)
       print(f'{name:<10}{level:<7}{acc:>13.3f}{majority:>10.3f}')
+  attention, text_mask = word_attention(config, params, config.data.val_split)
+  entropy, distance = attention_spread(attention, text_mask)
+  print(f'\nmulti-query generator, word attention A (eq. 9) on {len(attention)} '
+        f'{config.data.val_split} expressions, {attention.shape[1]} queries')
+  print(f'{"entropy / uniform":>18}{"distance between queries":>26}')
+  print(f'{entropy:>18.3f}{distance:>26.3f}')
 
 
 if __name__ == '__main__':

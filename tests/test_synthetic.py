@@ -135,7 +135,22 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert int(rows['all'][0]) == val_sentences > 0
   families = [k for k in rows if k in ('attributes', 'relation', 'superlative / position')]
   assert sum(int(rows[k][0]) for k in families) == val_sentences
-  assert all(0.0 <= float(v[1]) <= 1.0 for v in rows.values())
+  assert all(0.0 <= float(v[1]) <= 1.0 and 0.0 <= float(v[4]) <= 1.0 for v in rows.values())
+  assert result.stdout.splitlines()[1].split()[-1] == 'select'
+
+
+def test_selects_target_is_the_best_overlapping_shape():
+  from data_prep import synthetic_errors  # pylint: disable=g-import-not-at-top
+  shapes = [np.zeros((8, 8), bool) for _ in range(3)]
+  shapes[0][:2, :2] = shapes[1][4:, 4:] = shapes[2][:2, 5:] = True
+  pred = shapes[1].copy()
+  pred[:1, :1] = True                        # a stray pixel on shape 0 does not change the choice
+  assert synthetic_errors.selects_target(pred, shapes, 1)
+  assert not synthetic_errors.selects_target(pred, shapes, 0)
+  split = shapes[0] | shapes[2]              # a mask over two shapes selects the better covered
+  split[0, 0] = False
+  assert synthetic_errors.selects_target(split, shapes, 2)
+  assert not synthetic_errors.selects_target(np.zeros((8, 8), bool), shapes, 0)   # empty: none
 
 
 def test_probe_accuracy_separable_and_random_labels():
@@ -149,6 +164,17 @@ def test_probe_accuracy_separable_and_random_labels():
   assert acc < 0.6
 
 
+def test_attention_spread_uniform_and_distinct_queries():
+  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
+  text_mask = np.array([[1, 1, 1, 1, 0, 0]])                # 4 words, 2 padding
+  uniform = np.zeros((1, 3, 6))
+  uniform[:, :, :4] = 0.25                                  # three identical uniform queries
+  assert np.allclose(synthetic_probe.attention_spread(uniform, text_mask), (1.0, 0.0))
+  distinct = np.zeros((1, 3, 6))
+  distinct[0, [0, 1, 2], [0, 1, 3]] = 1.0                   # each query on its own word
+  assert np.allclose(synthetic_probe.attention_spread(distinct, text_mask), (0.0, 1.0))
+
+
 def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   c = tiny_trained.config()
   result = subprocess.run(
@@ -157,10 +183,14 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
        f'--raw_dir={synthetic_raw}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line.split() for line in result.stdout.splitlines()[2:]]
+  lines = result.stdout.splitlines()
+  rows = [line.split() for line in lines[2:8]]
   assert [(r[0], r[1]) for r in rows] == [(a, l) for a in ('kind', 'colour', 'size')
                                           for l in ('S/8', 'S/16')]
   assert all(0.0 <= float(r[2]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 for r in rows)
+  assert 'word attention' in lines[9]
+  entropy, distance = map(float, lines[11].split())
+  assert 0.0 <= entropy <= 1.0 and 0.0 <= distance <= 1.0
   missing = subprocess.run(
       [sys.executable, '-m', 'data_prep.synthetic_probe', '--config=configs/tiny.py',
        f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',

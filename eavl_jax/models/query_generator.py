@@ -44,6 +44,7 @@ class QueryGenerator(nn.Module):
     a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32) / jnp.sqrt(c)  # (B, N_q, L)
     a = jnp.where(text_mask[:, None, :] > 0, a, -1e9)               # padding words never attended
     a = jax.nn.softmax(a, axis=-1).astype(self.dtype)               # A (B, N_q, L)
+    self.sow('intermediates', 'word_attention', a)                  # for diagnostics only
 
     v = proj(c, 'tv')(f_tv)                                         # σ(F_tv W_tv): (B, L, C)
     return jnp.einsum('bnl,blc->bnc', a, v)                         # eq. 10: F_q (B, N_q, C)
