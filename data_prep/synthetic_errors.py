@@ -14,7 +14,6 @@ poor mask of the right one. docs/synthetic.md holds a run.
 import collections
 import contextlib
 import io
-import json
 import os
 import pickle
 
@@ -47,15 +46,6 @@ def family(expr):
     return 'superlative / position'
   named = [a for a in ('size', 'colour', 'kind') if getattr(expr.target, a)]
   return 'attributes (' + ('+'.join(named) or 'none') + ')'
-
-
-def target_sizes(raw_dir):
-  """ref_id -> the recorded size of its object."""
-  with open(os.path.join(raw_dir, 'synthetic', 'refs(unc).p'), 'rb') as f:
-    refs = pickle.load(f)
-  with open(os.path.join(raw_dir, 'synthetic', 'instances.json')) as f:
-    size_of_ann = {a['id']: a['size'] for a in json.load(f)['annotations']}
-  return {r['ref_id']: size_of_ann[r['ann_id']] for r in refs}
 
 
 def per_expression_iou(config, workdir, checkpoint, split):
@@ -104,19 +94,21 @@ def main(argv):
     refs = pickle.load(f)
   texts = {r['ref_id']: [s['sent'] for s in r['sentences']] for r in refs}
   ref_object = {r['ref_id']: (r['image_id'], r['ann_id']) for r in refs}
-  sizes = target_sizes(raw)
   with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
     coco = coco_api.COCO(os.path.join(raw, 'synthetic', 'instances.json'))
+  shapes_of_image = {}                              # image_id -> (ann ids, masks), decoded once
   groups = collections.defaultdict(list)
   for ref_id, j, iou, pred in per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint,
                                                  FLAGS.split):
     image_id, ann_id = ref_object[ref_id]
-    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
-    selected = selects_target(pred, [coco.annToMask(a) > 0 for a in anns],
-                              [a['id'] for a in anns].index(ann_id))
+    if image_id not in shapes_of_image:
+      anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+      shapes_of_image[image_id] = ([a['id'] for a in anns], [coco.annToMask(a) > 0 for a in anns])
+    ann_ids, masks = shapes_of_image[image_id]
+    selected = selects_target(pred, masks, ann_ids.index(ann_id))
     fam = family(synthetic.parse(texts[ref_id][j]))
     top = fam.split(' (')[0]
-    for g in {'all', top, f'{top}, {sizes[ref_id]} target', fam}:
+    for g in {'all', top, f'{top}, {coco.anns[ann_id]["size"]} target', fam}:
       groups[g].append((iou, selected))
   print(f'{FLAGS.split}: IoU per expression, grouped')
   print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}{"select":>8}')
