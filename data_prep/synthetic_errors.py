@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import pickle
+import sys
 
 from absl import app
 from absl import flags
@@ -85,6 +86,7 @@ def selects_target(pred, shape_masks, target):
 
 def main(argv):
   del argv
+  from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
   from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
@@ -97,9 +99,12 @@ def main(argv):
   with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
     coco = coco_api.COCO(os.path.join(raw, 'synthetic', 'instances.json'))
   shapes_of_image = {}                              # image_id -> (ann ids, masks), decoded once
+  try:
+    rows = per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split)
+  except (ValueError, FileNotFoundError) as e:     # no such step, another config: one line
+    sys.exit(evaluate.error_message(e))
   groups = collections.defaultdict(list)
-  for ref_id, j, iou, pred in per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint,
-                                                 FLAGS.split):
+  for ref_id, j, iou, pred in rows:
     image_id, ann_id = ref_object[ref_id]
     if image_id not in shapes_of_image:
       anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))

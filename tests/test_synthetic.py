@@ -137,6 +137,13 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert sum(int(rows[k][0]) for k in families) == val_sentences
   assert all(0.0 <= float(v[1]) <= 1.0 and 0.0 <= float(v[4]) <= 1.0 for v in rows.values())
   assert result.stdout.splitlines()[1].split()[-1] == 'select'
+  missing = subprocess.run(
+      [sys.executable, '-m', 'data_prep.synthetic_errors', '--config=configs/tiny.py',
+       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
+       f'--raw_dir={synthetic_raw}', '--checkpoint=77'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
+  assert 'Traceback' not in missing.stderr
 
 
 def test_selects_target_is_the_best_overlapping_shape():
