@@ -29,8 +29,10 @@ from eavl_jax import train_state as train_state_lib
 from eavl_jax.models import eavl
 
 TRAIN_KEYS = ('image', 'input_ids', 'attention_mask', 'mask')
-# Test hook: SIGKILL this process after this step (once the checkpoints started so far are written).
+# Test hooks: SIGKILL this process after this step (once the checkpoints started so far are
+# written); send it SIGTERM during this step (a preemption notice at a known step, no race).
 KILL_AFTER_STEP_ENV = 'EAVL_TEST_SIGKILL_AFTER_STEP'
+TERM_AFTER_STEP_ENV = 'EAVL_TEST_SIGTERM_AFTER_STEP'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -348,6 +350,7 @@ def train_and_evaluate(config, workdir):
   writer = Writer(workdir)
   preemption = _Preemption()
   kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, '-1'))
+  term_after = int(os.environ.get(TERM_AFTER_STEP_ENV, '-1'))
   bar = tqdm.tqdm(total=total_steps, initial=start, disable=not main, desc='train',
                   dynamic_ncols=True, file=sys.stderr)
   pending, result, last_eval = [], None, None
@@ -358,6 +361,8 @@ def train_and_evaluate(config, workdir):
       state, metrics = train_step(state, batch, step_rng(base_rng, step - 1))
       pending.append((step, metrics))
       bar.update(1)
+      if step == term_after:   # tests: a preemption notice while this step runs
+        os.kill(os.getpid(), signal.SIGTERM)
       last = step == total_steps
       preempted = preemption.reached(step)
       evaluate_now = evaluating and (step % tr.eval_every_steps == 0 or last)

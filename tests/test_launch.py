@@ -68,7 +68,8 @@ def test_local_dry_run():
 
 def test_local_two_processes_then_one_process_resumes(synthetic_records, tmp_path):
   workdir = str(tmp_path / 'work')
-  job = ['--config=configs/synthetic.py', f'--workdir={workdir}',
+  # The tiny model: the test is about processes, shards and resume, not the model's size.
+  job = ['--config=configs/tiny.py', f'--workdir={workdir}',
          f'--config.data.data_dir={synthetic_records}', '--config.train.global_batch_size=4',
          '--config.train.eval_every_steps=0', '--config.train.log_every_steps=1',
          '--config.train.checkpoint_every_steps=2', '--config.optim.warmup_steps=0']

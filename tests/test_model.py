@@ -205,7 +205,7 @@ def test_every_parameter_of_the_setting_gets_a_gradient(setting):
     logits = model.apply({'params': p}, image, ids, mask)['logits']
     return losses.loss_fn(logits, gt, config.loss)
 
-  grads = jax.jit(jax.grad(loss))(params)
+  grads = jax.grad(loss)(params)   # eager: its ops are compiled once for all the settings
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   dead = {jax.tree_util.keystr(path) for path, g in flat if not np.any(np.asarray(g) != 0)}
   # With one query the decoder's cross-attention has a single key: its softmax is 1 whatever the

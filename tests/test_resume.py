@@ -1,14 +1,13 @@
-"""Exact resume after kill -9, the NaN stop, and restoring a checkpoint of another config, through
-`python -m eavl_jax.train` on the synthetic fixture."""
+"""Exact resume after kill -9 and after SIGTERM (preemption), the NaN stop, and restoring a
+checkpoint of another config, through `python -m eavl_jax.train` on the synthetic fixture."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from eavl_jax import checkpointing
@@ -19,14 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
-def train(workdir, data_dir, *overrides, kill_after=None):
+def train(workdir, data_dir, *overrides, kill_after=None, term_after=None):
   # Bit-exact runs need deterministic kernels: XLA:CPU's multi-threaded Eigen reductions may sum
-  # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true).
+  # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true). Every run
+  # here compiles the same programs, so all but the first hit the session's compilation cache.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
-  env.pop(trainer.KILL_AFTER_STEP_ENV, None)
-  if kill_after is not None:
-    env[trainer.KILL_AFTER_STEP_ENV] = str(kill_after)
+  for name, step in ((trainer.KILL_AFTER_STEP_ENV, kill_after),
+                     (trainer.TERM_AFTER_STEP_ENV, term_after)):
+    env.pop(name, None)
+    if step is not None:
+      env[name] = str(step)
   args = [sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={STEPS}', '--config.train.checkpoint_every_steps=2',
@@ -54,25 +56,37 @@ def saved_params(workdir, step):
           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def test_kill_9_and_restart_equals_uninterrupted_run(synthetic_records, tmp_path):
-  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  proc = train(straight, synthetic_records)
+@pytest.fixture(scope='module')
+def uninterrupted(synthetic_records, tmp_path_factory):
+  """The reference: STEPS steps in one go. -> (workdir, {step: loss}, {name: final parameter})."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  proc = train(workdir, synthetic_records)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = logged_losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return workdir, losses, saved_params(workdir, STEPS)
 
+
+def assert_same_run(workdir, uninterrupted):
+  """Losses of every step and the final parameters equal the uninterrupted run's, exactly."""
+  _, want_losses, want_params = uninterrupted
+  assert logged_losses(workdir) == want_losses   # same data order, same RNG, same arithmetic
+  got_params = saved_params(workdir, STEPS)
+  assert sorted(got_params) == sorted(want_params)
+  for name, value in want_params.items():
+    np.testing.assert_array_equal(got_params[name], value, err_msg=name)
+
+
+def test_kill_9_and_restart_equals_uninterrupted_run(uninterrupted, synthetic_records, tmp_path):
+  killed = str(tmp_path / 'killed')
   proc = train(killed, synthetic_records, kill_after=3)   # SIGKILL right after step 3
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert checkpointing.make_manager(killed, read_only=True).all_steps() == [2]
   assert sorted(logged_losses(killed)) == [1, 2, 3]
   proc = train(killed, synthetic_records)
   assert proc.returncode == 0, proc.stderr[-3000:]
-
-  want, got = logged_losses(straight), logged_losses(killed)
-  assert sorted(want) == list(range(1, STEPS + 1))
-  assert got == want   # exact: same data order, same RNG, same arithmetic
-  a, b = saved_params(straight, STEPS), saved_params(killed, STEPS)
-  assert sorted(a) == sorted(b)
-  for name in a:
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert 'from step 2 on' in proc.stderr
+  assert_same_run(killed, uninterrupted)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_records, tmp_path):
@@ -101,34 +115,17 @@ def test_restore_of_another_config_names_the_mismatched_entries(tiny_trained, sy
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes(synthetic_records, tmp_path):
-  """Preemption: SIGTERM mid-run -> checkpoint of the step reached, exit 0; a restart goes on."""
+def test_sigterm_saves_exits_cleanly_and_resumes(uninterrupted, synthetic_records, tmp_path):
+  """Preemption: SIGTERM during step 3 (off the every-2-steps schedule) -> that step is saved and
+  the process exits 0; a restart goes on from it and ends as the uninterrupted run."""
   workdir = str(tmp_path / 'preempted')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop(trainer.KILL_AFTER_STEP_ENV, None)
-  args = [sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
-          f'--workdir={workdir}', f'--config.data.data_dir={synthetic_records}',
-          '--config.train.num_steps=100000', '--config.train.checkpoint_every_steps=100000',
-          '--config.train.log_every_steps=1', '--config.train.eval_every_steps=0']
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  deadline = time.time() + 500
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and len(logged_losses(workdir)) >= 2:
-      break
-    time.sleep(0.5)
-  assert proc.poll() is None, 'training ended before it could be preempted'
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  saved = checkpointing.make_manager(workdir, read_only=True).all_steps()
-  assert len(saved) == 1 and saved[0] >= 2, saved   # only the preemption save
-  step = saved[0]
-  assert f'checkpoint of step {step} saved' in out
-  assert max(logged_losses(workdir)) == step
-
-  proc = train(workdir, synthetic_records, f'--config.train.num_steps={step + 2}')
+  proc = train(workdir, synthetic_records, term_after=3)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'from step {step} on' in proc.stderr
-  assert sorted(logged_losses(workdir))[-3:] == [step, step + 1, step + 2]
+  assert checkpointing.make_manager(workdir, read_only=True).all_steps() == [2, 3]
+  assert 'preempted: checkpoint of step 3 saved' in proc.stdout
+  assert sorted(logged_losses(workdir)) == [1, 2, 3]   # stopped there, not at the end
+
+  proc = train(workdir, synthetic_records)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'from step 3 on' in proc.stderr
+  assert_same_run(workdir, uninterrupted)
