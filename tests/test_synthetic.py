@@ -25,6 +25,16 @@ def _load(out):
   return refs, coco
 
 
+def _run_tool(module, tiny_trained, synthetic_raw, *flags):
+  """`python -m data_prep.<module>` on the tiny trained model and its raw data."""
+  c = tiny_trained.config()
+  return subprocess.run(
+      [sys.executable, '-m', f'data_prep.{module}', '--config=configs/tiny.py',
+       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
+       f'--raw_dir={synthetic_raw}', *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+
+
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
   files = {}
   for name, seed in (('a', 3), ('b', 3), ('c', 4)):
@@ -121,13 +131,8 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
       'superlative / position')
   assert synthetic_errors.family(synthetic.parse('the small circle')) == 'attributes (size+kind)'
   assert synthetic_errors.family(synthetic.parse('the square above the blue circle')) == 'relation'
-  c = tiny_trained.config()
-  result = subprocess.run(
-      [sys.executable, '-m', 'data_prep.synthetic_errors', '--config=configs/tiny.py',
-       f'--config.data.data_dir={c.data.data_dir}',
-       f'--config.data.eval_max_size={c.data.eval_max_size}', f'--workdir={tiny_trained.workdir}',
-       f'--raw_dir={synthetic_raw}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  result = _run_tool('synthetic_errors', tiny_trained, synthetic_raw,
+                     f'--config.data.eval_max_size={tiny_trained.eval_max_size}')
   assert result.returncode == 0, result.stderr[-2000:]
   rows = {line[:44].strip(): line[44:].split() for line in result.stdout.splitlines()[2:]}
   with open(os.path.join(synthetic_raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
@@ -137,11 +142,7 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert sum(int(rows[k][0]) for k in families) == val_sentences
   assert all(0.0 <= float(v[1]) <= 1.0 and 0.0 <= float(v[4]) <= 1.0 for v in rows.values())
   assert result.stdout.splitlines()[1].split()[-1] == 'select'
-  missing = subprocess.run(
-      [sys.executable, '-m', 'data_prep.synthetic_errors', '--config=configs/tiny.py',
-       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
-       f'--raw_dir={synthetic_raw}', '--checkpoint=77'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  missing = _run_tool('synthetic_errors', tiny_trained, synthetic_raw, '--checkpoint=77')
   assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
   assert 'Traceback' not in missing.stderr
 
@@ -183,12 +184,7 @@ def test_attention_spread_uniform_and_distinct_queries():
 
 
 def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
-  c = tiny_trained.config()
-  result = subprocess.run(
-      [sys.executable, '-m', 'data_prep.synthetic_probe', '--config=configs/tiny.py',
-       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
-       f'--raw_dir={synthetic_raw}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  result = _run_tool('synthetic_probe', tiny_trained, synthetic_raw)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   rows = [line.split() for line in lines[2:8]]
@@ -198,9 +194,5 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert 'word attention' in lines[9]
   entropy, distance = map(float, lines[11].split())
   assert 0.0 <= entropy <= 1.0 and 0.0 <= distance <= 1.0
-  missing = subprocess.run(
-      [sys.executable, '-m', 'data_prep.synthetic_probe', '--config=configs/tiny.py',
-       f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
-       f'--raw_dir={synthetic_raw}', '--checkpoint=77'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  missing = _run_tool('synthetic_probe', tiny_trained, synthetic_raw, '--checkpoint=77')
   assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
