@@ -95,6 +95,9 @@ def get_config():
   # False: on the S/4 logits against the ground truth resized to them (DESIGN.md, CRIS). True: on
   # the logits upsampled bilinearly to the input size, as evaluation upsamples them (LAVT).
   c.loss.at_input_size = False
+  # How the ground truth is resized to the S/4 logits (at_input_size False): 'nearest' (the pixel
+  # at each cell's centre, DESIGN.md) | 'area' (each cell's foreground share: soft targets).
+  c.loss.target_resize = 'nearest'
 
   # ---------------------------------------------------------------- optimisation
   c.optim = o = ml_collections.ConfigDict()

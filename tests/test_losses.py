@@ -4,6 +4,7 @@ upsampled bilinearly, as evaluation does)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +54,36 @@ def test_shape_between_the_s4_samples_is_seen_only_at_input_size():
   assert bool((grad(False) > 0).all())       # descent lowers every logit: the object is lost
   assert float(grad(True)[1, 1]) < 0         # descent raises the logit over the object
   assert float(grad(True)[3, 3]) > 0         # and lowers the background
+
+
+def test_area_targets_are_each_cells_foreground_share():
+  """loss.target_resize='area': the S/4 target of a cell is the share of its pixels inside the
+  object (what a 0.5 threshold of the upsampled logits should reproduce); 'nearest' keeps only
+  the cell's centre pixel, so an object off the centres is lost or blown up to whole cells."""
+  gt = np.zeros((1, 16, 16), np.uint8)
+  gt[0, 4:6, 4:6] = 1                       # a quarter of cell (1, 1), off its centre pixel
+  gt[0, 8:16, 8:11] = 1                     # three quarters of cells (2..3, 2)
+  area = np.asarray(losses.resize_mask(jnp.asarray(gt), 4, 4, 'area'))[0]
+  want = np.zeros((4, 4), np.float32)
+  want[1, 1], want[2:, 2] = 0.25, 0.75
+  np.testing.assert_allclose(area, want)
+  near = np.asarray(losses.resize_mask(jnp.asarray(gt), 4, 4, 'nearest'))[0]
+  assert near[1, 1] == 0 and (near[2:, 2] == 1).all()
+  # the optimal logits of BCE against soft targets are their log-odds
+  c = _config(False, 0.0)
+  c.target_resize = 'area'
+  p = np.clip(want, 1e-3, 1 - 1e-3)
+  logits = jnp.asarray(np.log(p / (1 - p)))[None]
+  g = jax.grad(lambda l: losses.loss_fn(l, gt, c))(logits)
+  assert float(jnp.abs(g).max()) < 1e-4
+
+
+def test_bad_target_resize_is_one_error_naming_the_field():
+  c = _config(False)
+  c.target_resize = 'bicubic'
+  logits = jnp.zeros((1, 4, 4))
+  with pytest.raises(ValueError, match="loss.target_resize='bicubic'"):
+    losses.loss_fn(logits, np.zeros((1, 16, 16), np.uint8), c)
+  c.target_resize = 'area'
+  with pytest.raises(ValueError, match='not a multiple'):
+    losses.loss_fn(jnp.zeros((1, 5, 5)), np.zeros((1, 16, 16), np.uint8), c)

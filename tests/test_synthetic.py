@@ -196,3 +196,20 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert 0.0 <= entropy <= 1.0 and 0.0 <= distance <= 1.0
   missing = _run_tool('synthetic_probe', tiny_trained, synthetic_raw, '--checkpoint=77')
   assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
+
+
+def test_upsampled_map_ceiling_exact_for_cell_aligned_masks_and_falls_with_resolution():
+  from data_prep import synthetic_ceiling  # pylint: disable=import-outside-toplevel
+  aligned = np.zeros((32, 32), np.uint8)
+  aligned[8:24, 8:24] = 1          # whole 4x4 cells of an 8² map
+  assert synthetic_ceiling.upsampled_iou(aligned, 32, 'area') == 1.0
+  assert synthetic_ceiling.upsampled_iou(aligned, 32, 'nearest') == 1.0
+  # a disc of radius 4 px: a 4² map (8 px cells) holds it far worse than a 16² one
+  yy, xx = np.mgrid[:32, :32]
+  disc = (((yy - 13.3) ** 2 + (xx - 17.6) ** 2) <= 16).astype(np.uint8)
+  fine, coarse = (synthetic_ceiling.upsampled_iou(disc, g, 'area') for g in (16, 4))
+  assert fine > 0.8 and coarse < fine - 0.3
+  table = synthetic_ceiling.ceilings(num_images=4, seed=0, image_size=128, grids=(32, 8))
+  assert {k[0] for k in table} == {'small', 'large'} and {k[1] for k in table} == {32, 8}
+  for size in ('small', 'large'):
+    assert table[(size, 32, 'area')] > table[(size, 8, 'area')]
