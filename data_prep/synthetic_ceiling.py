@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import synthetic
+from eavl_jax import losses
 
 FLAGS = flags.FLAGS
 
@@ -28,13 +29,12 @@ def define_flags():
 
 
 def upsampled_iou(mask, grid, method):
-  """IoU with `mask` (S, S) {0,1} of its (grid, grid) map upsampled bilinearly and thresholded."""
+  """IoU with `mask` (S, S) {0,1} of its (grid, grid) map upsampled bilinearly and thresholded.
+
+  The map is the training target of `loss.target_resize=method` (losses.resize_mask).
+  """
   s = mask.shape[0]
-  f = s // grid
-  if method == 'area':
-    low = mask.reshape(grid, f, grid, f).mean((1, 3)) - 0.5
-  else:                                   # the pixel at each cell's centre, as jax's 'nearest'
-    low = mask[f // 2::f, f // 2::f].astype(np.float32) - 0.5
+  low = np.asarray(losses.resize_mask(jnp.asarray(mask)[None], grid, grid, method))[0] - 0.5
   up = np.asarray(jax.image.resize(jnp.asarray(low), (s, s), 'bilinear')) > 0
   gt = mask > 0
   union = (up | gt).sum()
