@@ -81,6 +81,8 @@ def get_config():
   dt.eval_splits = ('val', 'testA', 'testB')
   dt.val_split = 'val'        # evaluated during training
   dt.sentences = 'random'     # train: 'random' (one sentence per ref per epoch, LAVT) | 'all'
+  dt.refs_per_image = 1       # train: K > 1 = batches of images with K of their refs each (the
+                              # image encoder runs once per image); 1 = independent refs (LAVT)
   dt.num_workers = 4          # grain worker processes per host (0 = in-process)
   dt.prefetch = 2
   dt.eval_max_size = 640      # original-size masks are padded to this canvas for batched metrics

@@ -30,6 +30,7 @@ def get_config():
   m.decoder.mlp_dim = 128
 
   c.data.synthetic_images = 2000
+  c.data.refs_per_image = 2   # 8 images x 2 of their refs per step: the Swin runs on 8, not 16
   c.data.eval_splits = ('val', 'testA', 'testB')
   c.loss.dice_weight = 1.0    # the targets cover 1-8% of the image: BCE alone learns them slowly
   c.optim.learning_rate = 1e-3

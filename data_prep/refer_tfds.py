@@ -13,7 +13,8 @@ encoded bytes (tfds.features.Image would need TF).
   category, file_name       text
 
 Records keep the refs file's order (shuffling off), so `info.metadata['sentences_per_ref'][split][i]`
-is the sentence count of record i: the input pipeline enumerates sentences without reading records.
+is the sentence count of record i and `info.metadata['image_ids'][split][i]` its image: the input
+pipeline enumerates sentences, and groups the refs of an image, without reading records.
 """
 import io
 import os
@@ -106,6 +107,7 @@ class EavlRefer(tfds.core.GeneratorBasedBuilder):
         'sentences_per_ref': {s: [len(r['sentences']) for r in refs]
                               for s, refs in prepared.refs.items()},
         'ref_ids': {s: [int(r['ref_id']) for r in refs] for s, refs in prepared.refs.items()},
+        'image_ids': {s: [int(r['image_id']) for r in refs] for s, refs in prepared.refs.items()},
         'dropped': [{'ref_id': int(p.ref_id), 'split': p.split, 'reason': p.reason}
                     for p in prepared.problems],
     })

@@ -14,7 +14,11 @@ Eval batches add:
   sentence_index  int32   (B,)
 
 Train: one random sentence per ref per epoch (data.sentences = 'random', LAVT) or every sentence a
-sample ('all'); seeded shuffle, reshuffled every epoch, endless. The iterator is grain's
+sample ('all'); seeded shuffle, reshuffled every epoch, endless. With data.refs_per_image = K > 1
+the samples are images instead: each epoch every train image once, with K of its refs drawn at
+random (distinct; an image with fewer than K refs repeats some of them, drawn again at random), one
+random sentence each. Then `image` is (B/K, S, S, 3) and every other key has B = (B/K) * K rows,
+expressions b*K .. b*K+K-1 being about image b (the model's `refs_per_image`). The iterator is grain's
 DataLoader iterator: `get_state()` / `set_state()`, and orbax saves it with
 `grain.python.PyGrainCheckpointHandler` (grain 0.2.18). Eval: every sentence of every ref once,
 padded to equal batch counts on all processes.
@@ -66,11 +70,29 @@ def _records(config, split):
 
 
 def num_examples(config, split: str) -> int:
-  """Samples in `split`: refs for training with data.sentences='random', sentences otherwise."""
+  """Expressions per epoch of `split`: for training one per ref (data.sentences='random'), K per
+  image (data.refs_per_image=K > 1) or every sentence ('all'); for evaluation every sentence."""
   _, sentences = _records(config, split)
-  if split == config.data.train_split and config.data.sentences == 'random':
-    return len(sentences)
+  if split == config.data.train_split:
+    if config.data.refs_per_image > 1:
+      return len(_image_groups(config, split)) * config.data.refs_per_image
+    if config.data.sentences == 'random':
+      return len(sentences)
   return int(sentences.sum())
+
+
+def _image_groups(config, split):
+  """[record indices of one image's refs] for every image of `split`, in first-record order."""
+  builder = _builder(config)
+  image_ids = builder.info.metadata.get('image_ids')
+  if image_ids is None or split not in image_ids:
+    raise ValueError(f'{builder.data_dir}: the records have no image_ids metadata (built before '
+                     f'data.refs_per_image existed): rebuild them with python -m data_prep.build, '
+                     f'or set data.refs_per_image=1')
+  groups = {}
+  for index, image_id in enumerate(image_ids[split]):
+    groups.setdefault(int(image_id), []).append(index)
+  return list(groups.values())
 
 
 class _RefSource:
@@ -111,6 +133,22 @@ class _SentenceSource:
       return None
     r, j = self._items[i]
     return self._records[int(r)], int(j)
+
+
+class _ImageSource:
+  """Image i -> [its refs' records]."""
+
+  def __init__(self, records, name, groups):
+    self._records, self._name, self._groups = records, name, groups
+
+  def __len__(self):
+    return len(self._groups)
+
+  def __repr__(self):      # grain checks it when a saved iterator state is restored
+    return f'_ImageSource({self._name}, {len(self)} images)'
+
+  def __getitem__(self, i):
+    return [self._records[r] for r in self._groups[int(i)]]
 
 
 def _sentence_items(sentences):
@@ -197,6 +235,37 @@ class _TrainSample(grain.transforms.RandomMap):
     }
 
 
+class _ImageSample(grain.transforms.RandomMap):
+  """[records of one image] -> K refs of it: image (S,S,3), input_ids (K,L), mask (K,S,S), ..."""
+
+  def __init__(self, image_size, tokenize, refs_per_image):
+    self._size, self._tokenize, self._k = image_size, tokenize, refs_per_image
+
+  def random_map(self, records, rng: np.random.Generator):
+    k = self._k
+    chosen = list(rng.permutation(len(records))[:k])
+    chosen += list(rng.integers(len(records), size=k - len(chosen)))   # fewer than K refs
+    texts, masks = [], []
+    for r in chosen:
+      record = records[r]
+      texts.append(self._tokenize(_sentence(record, int(rng.integers(len(record['sentences']))))))
+      masks.append(decode_mask(record['mask'], self._size))
+    return {
+        'image': decode_image(records[0]['image'], self._size),      # (S, S, 3), once
+        'input_ids': np.stack([t[0] for t in texts]),                # (K, L)
+        'attention_mask': np.stack([t[1] for t in texts]),           # (K, L)
+        'mask': np.stack(masks),                                     # (K, S, S)
+        'ref_id': np.asarray([records[r]['ref_id'] for r in chosen], np.int32),  # (K,)
+    }
+
+
+class _FlattenRefs(grain.transforms.Map):
+  """(B/K, K, ...) -> (B, ...) for every key but the image."""
+
+  def map(self, element):
+    return {k: v if k == 'image' else v.reshape((-1,) + v.shape[2:]) for k, v in element.items()}
+
+
 class _EvalSample(grain.transforms.Map):
   """(record, sentence index) or None (padding) -> eval sample."""
 
@@ -253,6 +322,12 @@ def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, 
   """Endless iterator of train batches from this process's shard (get_state / set_state)."""
   records, sentences = _records(config, config.data.train_split)
   name = f'{config.data.dataset}/{config.data.train_split}'
+  k = config.data.refs_per_image
+  if k > 1:
+    return _make_image_loader(config, records, name, seed=seed, shard_index=shard_index,
+                              shard_count=shard_count, batch_size=batch_size)
+  if k < 1:
+    raise ValueError(f'config.data.refs_per_image={k}: must be at least 1')
   if config.data.sentences == 'random':
     source = _RefSource(records, name)
   elif config.data.sentences == 'all':
@@ -269,6 +344,31 @@ def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, 
   loader = _data_loader(config, source, sampler, [
       _TrainSample(config.model.image_size, _tokenize(config)),
       grain.transforms.Batch(batch_size, drop_remainder=True)])
+  return iter(loader)
+
+
+def _make_image_loader(config, records, name, *, seed, shard_index, shard_count, batch_size):
+  """make_train_loader for data.refs_per_image = K > 1: batches of batch_size / K images."""
+  k = config.data.refs_per_image
+  if config.data.sentences != 'random':
+    raise ValueError(f'config.data.refs_per_image={k} draws one random sentence per ref: it needs '
+                     f"config.data.sentences='random', not {config.data.sentences!r}")
+  if batch_size % k:
+    raise ValueError(f'config.data.refs_per_image={k} does not divide the per-process batch of '
+                     f'{batch_size} expressions (train.global_batch_size)')
+  source = _ImageSource(records, name, _image_groups(config, config.data.train_split))
+  images = batch_size // k
+  if len(source) < shard_count * images:
+    raise ValueError(f'{config.data.dataset} {config.data.train_split}: {len(source)} images, '
+                     f'fewer than {shard_count} process(es) x {images} images per batch')
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
+      shuffle=True, num_epochs=None, seed=seed)
+  loader = _data_loader(config, source, sampler, [
+      _ImageSample(config.model.image_size, _tokenize(config), k),
+      grain.transforms.Batch(images, drop_remainder=True),
+      _FlattenRefs()])
   return iter(loader)
 
 

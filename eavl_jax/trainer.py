@@ -51,6 +51,7 @@ def make_train_step(model, tx, schedule, config, frozen, mesh=None):
   reduce-scattered to their shards (ZeRO-3), instead of XLA splitting the compute by weights.
   """
   accum = config.optim.grad_accum_steps
+  refs_per_image = config.data.refs_per_image
   gather = mesh is not None and config.mesh.param_sharding == 'fsdp'
 
   def loss_of(params, batch, rng):
@@ -58,7 +59,8 @@ def make_train_step(model, tx, schedule, config, frozen, mesh=None):
       params = jax.lax.with_sharding_constraint(params, sharding_lib.replicated(mesh))
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     out = model.apply({'params': params}, batch['image'], batch['input_ids'],
-                      batch['attention_mask'], train=True, rngs={'dropout': rng})
+                      batch['attention_mask'], train=True, refs_per_image=refs_per_image,
+                      rngs={'dropout': rng})
     return losses.loss_fn(out['logits'], batch['mask'], config.loss)
 
   def train_step(state, batch, rng):
@@ -130,7 +132,8 @@ def prepare_data(config, workdir):
   root = os.path.join(workdir, 'data')
   data_dir = os.path.join(root, 'tfds')
   done = os.path.join(root, 'BUILT')   # holds what was generated: a changed config must not reuse it
-  wanted = {'synthetic_images': config.data.synthetic_images, 'seed': config.seed}
+  wanted = {'synthetic_images': config.data.synthetic_images, 'seed': config.seed,
+            'metadata': 'image_ids'}   # records built before image_ids was kept differ
   if jax.process_index() == 0 and not os.path.exists(done):
     n = config.data.synthetic_images
     logging.info('generating %d synthetic images into %s', n, root)
@@ -308,6 +311,14 @@ def train_and_evaluate(config, workdir):
       config, input_pipeline.num_examples(config, config.data.train_split))
   check_batch_split('train.global_batch_size / optim.grad_accum_steps', micro_batch, mesh,
                     sharding_lib.BATCH_AXES)
+  k = config.data.refs_per_image
+  if k > 1:   # the images of a step (micro_batch / K) are split like the expressions
+    if micro_batch % k:
+      raise ValueError(f'data.refs_per_image={k} does not divide the {micro_batch} expressions '
+                       f'of a train step (train.global_batch_size / optim.grad_accum_steps)')
+    check_batch_split(f'the images of a train step (train.global_batch_size / '
+                      f'optim.grad_accum_steps / data.refs_per_image={k})', micro_batch // k,
+                      mesh, sharding_lib.BATCH_AXES)
   evaluating = tr.eval_every_steps > 0
   if evaluating:
     check_batch_split('train.eval_batch_size', tr.eval_batch_size, mesh, ('data',))

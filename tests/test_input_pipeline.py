@@ -71,7 +71,10 @@ def test_same_seed_same_order_and_each_epoch_a_new_permutation(config, source):
   assert a[:n] != a[n:]
 
 
-def test_restored_state_continues_exactly(config):
+@pytest.mark.parametrize('refs_per_image', [1, 2])
+def test_restored_state_continues_exactly(config, refs_per_image):
+  config = config.copy_and_resolve_references()
+  config.data.refs_per_image = refs_per_image
   it = _train(config, seed=3, batch_size=2)
   for _ in range(5):
     next(it)
@@ -145,3 +148,52 @@ def test_missing_records_and_unknown_split_are_clear_errors(config, tmp_path):
   c.data.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='no eavl_refer/synthetic records'):
     input_pipeline.num_examples(c, 'train')
+
+
+def test_refs_per_image_batches_k_refs_of_each_image_and_every_image_once_per_epoch(config,
+                                                                                     source):
+  refs, coco = source
+  config = config.copy_and_resolve_references()
+  config.data.refs_per_image = 2
+  by_image = collections.defaultdict(list)
+  for r in _refs_in('train', refs):
+    by_image[refs[r]['image_id']].append(r)
+  assert input_pipeline.num_examples(config, 'train') == 2 * len(by_image)
+  s, l = config.model.image_size, config.model.max_tokens
+  it = _train(config, seed=4, batch_size=4)
+  batch = next(it)
+  assert {k: v.shape for k, v in batch.items()} == {
+      'image': (2, s, s, 3), 'input_ids': (4, l), 'attention_mask': (4, l), 'mask': (4, s, s),
+      'ref_id': (4,)}
+  for i, ref_id in enumerate(batch['ref_id']):     # the ref's own mask, on its image (i // 2)
+    ann = coco.anns[refs[int(ref_id)]['ann_id']]
+    want = np.asarray(Image.fromarray(coco.annToMask(ann)).resize((s, s), Image.NEAREST))
+    np.testing.assert_array_equal(batch['mask'][i], want)
+  one_image = collections.defaultdict(list)
+  epoch = [batch] + [next(it) for _ in range(len(by_image) // 2 - 1)]
+  for b in epoch:
+    for pair in b['ref_id'].reshape(-1, 2):
+      image_id = refs[int(pair[0])]['image_id']
+      assert refs[int(pair[1])]['image_id'] == image_id     # K refs of one image
+      assert len(set(pair)) == min(2, len(by_image[image_id]))  # distinct where it has K
+      one_image[image_id].append(tuple(pair))
+  # An epoch: every train image once (the last, incomplete batch of images is in the next).
+  assert len(one_image) == len(epoch) * 2 and all(len(v) == 1 for v in one_image.values())
+  assert set(one_image) <= set(by_image)
+  # The image is decoded once for its K refs: that of the first ref's record.
+  pixels = batch['image'][0] * input_pipeline.STD_RGB + input_pipeline.MEAN_RGB
+  assert pixels.std() > 10
+
+
+def test_refs_per_image_bad_settings_are_clear_errors(config):
+  config = config.copy_and_resolve_references()
+  config.data.refs_per_image = 3
+  with pytest.raises(ValueError, match=r'refs_per_image=3 does not divide .* 4 expressions'):
+    _train(config, batch_size=4)
+  config.data.refs_per_image = 2
+  config.data.sentences = 'all'
+  with pytest.raises(ValueError, match=r"refs_per_image=2 .*needs config.data.sentences='random'"):
+    _train(config, batch_size=4)
+  config.data.refs_per_image = 0
+  with pytest.raises(ValueError, match=r'refs_per_image=0: must be at least 1'):
+    _train(config, batch_size=4)

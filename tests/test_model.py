@@ -272,7 +272,35 @@ def test_bad_inputs_name_the_problem():
   params = init(model, (image, ids, mask))
   with pytest.raises(ValueError, match=r'image has shape \(2, 96, 96, 3\).*image_size=64'):
     model.apply({'params': params}, np.zeros((2, 96, 96, 3), np.float32), ids, mask)
-  with pytest.raises(ValueError, match='batch sizes differ: image has 2, input_ids has 3'):
+  with pytest.raises(ValueError, match='batch sizes do not match: image has 2, input_ids has 3'):
     model.apply({'params': params}, image, np.tile(ids, (2, 1))[:3], np.tile(mask, (2, 1))[:3])
   with pytest.raises(ValueError, match='attention_mask'):
     model.apply({'params': params}, image, ids, mask[:, :5])
+
+
+def test_refs_per_image_equals_the_images_repeated_in_value_and_gradient():
+  """K expressions per image: the image features computed once and repeated give the outputs and
+  the train step's gradients of K copies of each image."""
+  config = tiny()
+  model = eavl.build_model(config.model)
+  image, ids, text_mask, mask = random_batch(config.model, 4)
+  image = image[:2]                                     # 2 images, 2 expressions each
+  repeated = np.repeat(image, 2, axis=0)
+  params = init(model, (repeated, ids, text_mask))
+
+  def loss_and_grads(k, images):
+    def loss(p):
+      out = model.apply({'params': p}, images, ids, text_mask, train=False, refs_per_image=k)
+      return losses.loss_fn(out['logits'], mask, config.loss), out['logits']
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss_k, logits_k), grads_k = loss_and_grads(2, image)
+  (loss_1, logits_1), grads_1 = loss_and_grads(1, repeated)
+  np.testing.assert_allclose(logits_k, logits_1, atol=1e-5)
+  np.testing.assert_allclose(loss_k, loss_1, rtol=1e-5)
+  swin_1 = grads_1['vision_encoder']['patch_embed']['proj']['kernel']
+  assert np.abs(swin_1).max() > 0
+  for g_k, g_1 in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_1)):
+    np.testing.assert_allclose(g_k, g_1, atol=1e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match='image has 2, input_ids has 4, refs_per_image=3'):
+    model.apply({'params': params}, image, ids, text_mask, refs_per_image=3)

@@ -52,6 +52,36 @@ def test_synthetic_data_of_another_config_is_not_reused(tmp_path):
   with pytest.raises(ValueError, match='synthetic_images'):
     trainer.prepare_data(config, str(tmp_path))
   built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images,
-                               'seed': config.seed}))
+                               'seed': config.seed}))   # records built before image_ids
+  with pytest.raises(ValueError, match='image_ids'):
+    trainer.prepare_data(config, str(tmp_path))
+  built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images,
+                               'seed': config.seed, 'metadata': 'image_ids'}))
   prepared = trainer.prepare_data(config, str(tmp_path))     # the same config: reused as it is
   assert prepared.data.data_dir == str(tmp_path / 'data' / 'tfds')
+
+
+def test_training_with_k_refs_per_image_runs_end_to_end(synthetic_records, tmp_path):
+  """data.refs_per_image=2 through train_and_evaluate: loader, sharded step, checkpoint, eval."""
+  from configs import tiny   # pylint: disable=g-import-not-at-top
+  from eavl_jax import checkpointing   # pylint: disable=g-import-not-at-top
+  from eavl_jax import trainer   # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.data_dir = synthetic_records
+  config.data.refs_per_image = 2
+  config.data.eval_max_size = 128
+  config.train.num_steps = 2
+  config.train.log_every_steps = 1
+  config.train.eval_every_steps = 2
+  config.train.checkpoint_every_steps = 2
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  losses = [r['train/loss'] for r in records if 'train/loss' in r]
+  assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+  assert 0 <= result['mIoU'] <= 100
+  _, step = checkpointing.restore_for_eval(config, str(tmp_path))
+  assert step == 2
+  config.train.global_batch_size = 3   # not a multiple of refs_per_image: one clear error
+  with pytest.raises(ValueError, match='refs_per_image=2 does not divide the 3 expressions'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'bad'))

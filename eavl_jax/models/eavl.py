@@ -56,10 +56,16 @@ class EAVL(nn.Module):
   config: Any  # a frozen `config.model`
 
   @nn.compact
-  def __call__(self, image, input_ids, attention_mask, train: bool = False):
-    """image (B,S,S,3), input_ids/attention_mask (B,L) -> dict(logits (B,S/4,S/4), masks, scores)."""
+  def __call__(self, image, input_ids, attention_mask, train: bool = False,
+               refs_per_image: int = 1):
+    """image (B_i,S,S,3), input_ids/attention_mask (B,L) -> dict(logits (B,S/4,S/4), masks, scores).
+
+    B = B_i * refs_per_image: expressions b*K .. b*K+K-1 are about image b. The image features
+    (Swin, its norms, eq. 1) are computed once per image and repeated for its K expressions, which
+    gives the same outputs as K copies of the image at 1/K of the vision encoder's cost.
+    """
     m = self.config
-    self._check_inputs(image, input_ids, attention_mask)
+    self._check_inputs(image, input_ids, attention_mask, refs_per_image)
     dtype = DTYPES[m.dtype]
     c = m.hidden_dim
     image = image.astype(dtype)
@@ -76,6 +82,9 @@ class EAVL(nn.Module):
     x4 = nn.LayerNorm(dtype=dtype, name='vision_norm_4')(x4)       # (B, S/32, S/32, 8E)
     f_v4, f_vg = swin.AttentionPool(num_heads=v.pool_heads, dtype=dtype,
                                     name='attention_pool')(x4)      # eq. 1
+    if refs_per_image > 1:   # (B_i, ...) -> (B_i * K, ...): each image once per expression
+      f_v2, f_v3, f_v4, f_vg = (jnp.repeat(f, refs_per_image, axis=0)
+                                for f in (f_v2, f_v3, f_v4, f_vg))
 
     # Text encoder: BERT's last hidden states; F_t and F_tg are linear projections of them.
     t = m.text_encoder
@@ -101,7 +110,7 @@ class EAVL(nn.Module):
     return aligner_lib.Aligner(c, a.mode, a.use_estimator, a.estimator_heads, a.kernel_activation,
                                a.conv_impl, dtype, name='aligner')(f_s, f_q)  # eq. 11-14
 
-  def _check_inputs(self, image, input_ids, attention_mask):
+  def _check_inputs(self, image, input_ids, attention_mask, refs_per_image):
     s = self.config.image_size
     if image.ndim != 4 or image.shape[1:] != (s, s, 3):
       raise ValueError(f'image has shape {tuple(image.shape)}; model.image_size={s} needs '
@@ -109,9 +118,10 @@ class EAVL(nn.Module):
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
       raise ValueError(f'input_ids {tuple(input_ids.shape)} and attention_mask '
                        f'{tuple(attention_mask.shape)} must both be (B, L)')
-    if input_ids.shape[0] != image.shape[0]:
-      raise ValueError(f'batch sizes differ: image has {image.shape[0]}, '
-                       f'input_ids has {input_ids.shape[0]}')
+    if refs_per_image < 1 or input_ids.shape[0] != image.shape[0] * refs_per_image:
+      raise ValueError(f'batch sizes do not match: image has {image.shape[0]}, input_ids has '
+                       f'{input_ids.shape[0]}, refs_per_image={refs_per_image} expressions per '
+                       f'image')
     if input_ids.shape[1] > self.config.text_encoder.max_position_embeddings:
       raise ValueError(f'input_ids has {input_ids.shape[1]} tokens, more than '
                        f'model.text_encoder.max_position_embeddings='
