@@ -79,10 +79,12 @@ def config_from_flags():
 
 
 def random_batch(config, batch_size, seed=0):
+  """batch_size expressions; batch_size / data.refs_per_image images (the train loader's rows)."""
   rng = np.random.default_rng(seed)
   s, l = config.model.image_size, config.model.max_tokens
+  images = batch_size // config.data.refs_per_image
   ids = rng.integers(1000, 30000, size=(batch_size, l)).astype(np.int32)
-  return {'image': rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
+  return {'image': rng.normal(size=(images, s, s, 3)).astype(np.float32),
           'input_ids': ids, 'attention_mask': np.ones_like(ids),
           'mask': (rng.random((batch_size, s, s)) > 0.5).astype(np.uint8)}
 
@@ -98,6 +100,9 @@ class Step:
 
   def __init__(self, config, batch_size):
     self.config, self.batch_size = config, batch_size
+    if batch_size % config.data.refs_per_image:
+      raise ValueError(f'--batch={batch_size} expressions is not a multiple of the config\'s '
+                       f'data.refs_per_image={config.data.refs_per_image}')
     self.model = eavl.build_model(config.model)
     self.tx, schedule = optim.make_optimizer(config.optim, total_updates=10**6)
     self.init = train_state_lib.make_init_fn(self.model, config.model, self.tx)
@@ -106,8 +111,8 @@ class Step:
     self.step_fn = trainer.make_train_step(self.model, self.tx, schedule, config, frozen)
     self.jitted = jax.jit(self.step_fn, donate_argnums=0)
     self.abstract_batch = {
-        k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
-        for k, v in random_batch(config, 1).items()}
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+        for k, v in random_batch(config, batch_size).items()}
 
   def compile(self):
     """-> (compiled, seconds to lower, seconds to compile)."""

@@ -323,32 +323,30 @@ def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, 
   records, sentences = _records(config, config.data.train_split)
   name = f'{config.data.dataset}/{config.data.train_split}'
   k = config.data.refs_per_image
-  if k > 1:
-    return _make_image_loader(config, records, name, seed=seed, shard_index=shard_index,
-                              shard_count=shard_count, batch_size=batch_size)
   if k < 1:
     raise ValueError(f'config.data.refs_per_image={k}: must be at least 1')
-  if config.data.sentences == 'random':
-    source = _RefSource(records, name)
-  elif config.data.sentences == 'all':
-    source = _SentenceSource(records, name, _sentence_items(sentences))
+  if k > 1:
+    source, operations, rows, unit = _image_samples(config, records, name, batch_size)
+  elif config.data.sentences in ('random', 'all'):
+    source = (_RefSource(records, name) if config.data.sentences == 'random' else
+              _SentenceSource(records, name, _sentence_items(sentences)))
+    operations = [_TrainSample(config.model.image_size, _tokenize(config)),
+                  grain.transforms.Batch(batch_size, drop_remainder=True)]
+    rows, unit = batch_size, 'samples'
   else:
     raise ValueError(f"config.data.sentences={config.data.sentences!r}: expected 'random' or 'all'")
-  if len(source) < shard_count * batch_size:
-    raise ValueError(f'{config.data.dataset} {config.data.train_split}: {len(source)} samples, '
-                     f'fewer than {shard_count} process(es) x batch {batch_size}')
+  if len(source) < shard_count * rows:
+    raise ValueError(f'{config.data.dataset} {config.data.train_split}: {len(source)} {unit}, '
+                     f'fewer than {shard_count} process(es) x {rows} {unit} per batch')
   sampler = grain.samplers.IndexSampler(
       num_records=len(source),
       shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
       shuffle=True, num_epochs=None, seed=seed)
-  loader = _data_loader(config, source, sampler, [
-      _TrainSample(config.model.image_size, _tokenize(config)),
-      grain.transforms.Batch(batch_size, drop_remainder=True)])
-  return iter(loader)
+  return iter(_data_loader(config, source, sampler, operations))
 
 
-def _make_image_loader(config, records, name, *, seed, shard_index, shard_count, batch_size):
-  """make_train_loader for data.refs_per_image = K > 1: batches of batch_size / K images."""
+def _image_samples(config, records, name, batch_size):
+  """data.refs_per_image = K > 1: (source of images, operations, images per batch, 'images')."""
   k = config.data.refs_per_image
   if config.data.sentences != 'random':
     raise ValueError(f'config.data.refs_per_image={k} draws one random sentence per ref: it needs '
@@ -357,19 +355,10 @@ def _make_image_loader(config, records, name, *, seed, shard_index, shard_count,
     raise ValueError(f'config.data.refs_per_image={k} does not divide the per-process batch of '
                      f'{batch_size} expressions (train.global_batch_size)')
   source = _ImageSource(records, name, _image_groups(config, config.data.train_split))
-  images = batch_size // k
-  if len(source) < shard_count * images:
-    raise ValueError(f'{config.data.dataset} {config.data.train_split}: {len(source)} images, '
-                     f'fewer than {shard_count} process(es) x {images} images per batch')
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
-      shuffle=True, num_epochs=None, seed=seed)
-  loader = _data_loader(config, source, sampler, [
-      _ImageSample(config.model.image_size, _tokenize(config), k),
-      grain.transforms.Batch(images, drop_remainder=True),
-      _FlattenRefs()])
-  return iter(loader)
+  operations = [_ImageSample(config.model.image_size, _tokenize(config), k),
+                grain.transforms.Batch(batch_size // k, drop_remainder=True),
+                _FlattenRefs()]
+  return source, operations, batch_size // k, 'images'
 
 
 def make_eval_loader(config, split: str, *, shard_index: int, shard_count: int, batch_size: int):
