@@ -28,12 +28,15 @@ def get_config():
 
   m.decoder.num_heads = 4
   m.decoder.mlp_dim = 128
+  m.decoder.num_layers = 2    # pre-norm, so that the second layer's self-attention compares the
+  m.decoder.pre_norm = True   # cells after the first cross-attention brought the words in
 
   c.data.synthetic_images = 2000
   c.data.refs_per_image = 2   # 8 images x 2 of their refs per step (every train image has 2-3):
                               # the Swin runs on 8 images, not 16; the step takes 0.64x as long
   c.data.eval_splits = ('val', 'testA', 'testB')
   c.loss.dice_weight = 1.0    # the targets cover 1-8% of the image: BCE alone learns them slowly
+  c.loss.target_resize = 'area'  # soft S/4 targets: each cell's foreground share (shapes are 1-2 cells)
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 50
   c.train.global_batch_size = 16
