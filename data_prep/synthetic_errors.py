@@ -5,7 +5,8 @@
 
 Every expression of the split is predicted once (the evaluation's own loader and metrics); its
 text is parsed with the generator's grammar (`synthetic.parse`) into a family (attributes only, a
-superlative / position, a relation) and, for attribute-only expressions, the attributes it names;
+superlative / position, a relation) and the attributes it names (for a superlative also whether it
+compares positions or sizes);
 the target's size ('small' / 'large') is the one the generator recorded. Prints n, mIoU, Pr@0.5,
 the mean IoU of the hits (IoU > 0.5), and `select`: how often the shape of the image that the
 predicted mask overlaps best (IoU) is the target, which tells a wrong choice of object from a
@@ -27,6 +28,7 @@ from pycocotools import coco as coco_api
 from data_prep import synthetic
 
 FLAGS = flags.FLAGS
+NAME_WIDTH = 56   # the printed table's first column
 
 
 def define_flags():
@@ -41,12 +43,15 @@ def define_flags():
 
 
 def family(expr):
+  """'relation', 'superlative / position (<position | size>: <attributes named>)' or
+  'attributes (<attributes named>)'."""
   if expr.relation is not None:
     return 'relation'
+  named = '+'.join(a for a in ('size', 'colour', 'kind') if getattr(expr.target, a)) or 'none'
   if expr.extreme is not None:
-    return 'superlative / position'
-  named = [a for a in ('size', 'colour', 'kind') if getattr(expr.target, a)]
-  return 'attributes (' + ('+'.join(named) or 'none') + ')'
+    by = 'size' if expr.extreme in ('largest', 'smallest') else 'position'
+    return f'superlative / position ({by}: {named})'
+  return f'attributes ({named})'
 
 
 def per_expression_iou(config, workdir, checkpoint, split):
@@ -116,11 +121,11 @@ def main(argv):
     for g in {'all', top, f'{top}, {coco.anns[ann_id]["size"]} target', fam}:
       groups[g].append((iou, selected))
   print(f'{FLAGS.split}: IoU per expression, grouped')
-  print(f'{"expressions":<44}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}{"select":>8}')
+  print(f'{"expressions":<{NAME_WIDTH}}{"n":>6}{"mIoU":>8}{"Pr@0.5":>8}{"IoU of hits":>13}{"select":>8}')
   for g in sorted(groups, key=lambda g: (g != 'all', g)):
     v = np.asarray([iou for iou, _ in groups[g]])
     hits = v[v > 0.5]
-    print(f'{g:<44}{len(v):>6}{v.mean():>8.3f}{(v > 0.5).mean():>8.3f}'
+    print(f'{g:<{NAME_WIDTH}}{len(v):>6}{v.mean():>8.3f}{(v > 0.5).mean():>8.3f}'
           f'{hits.mean() if len(hits) else float("nan"):>13.3f}'
           f'{np.mean([sel for _, sel in groups[g]]):>8.3f}')
 

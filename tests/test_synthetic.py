@@ -128,13 +128,16 @@ def test_parse_rejects_text_outside_the_grammar():
 def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   from data_prep import synthetic_errors  # pylint: disable=g-import-not-at-top
   assert synthetic_errors.family(synthetic.parse('the leftmost red square')) == (
-      'superlative / position')
+      'superlative / position (position: colour+kind)')
+  assert synthetic_errors.family(synthetic.parse('the largest shape')) == (
+      'superlative / position (size: none)')
   assert synthetic_errors.family(synthetic.parse('the small circle')) == 'attributes (size+kind)'
   assert synthetic_errors.family(synthetic.parse('the square above the blue circle')) == 'relation'
   result = _run_tool('synthetic_errors', tiny_trained, synthetic_raw,
                      f'--config.data.eval_max_size={tiny_trained.eval_max_size}')
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = {line[:44].strip(): line[44:].split() for line in result.stdout.splitlines()[2:]}
+  width = synthetic_errors.NAME_WIDTH
+  rows = {line[:width].strip(): line[width:].split() for line in result.stdout.splitlines()[2:]}
   with open(os.path.join(synthetic_raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
     val_sentences = sum(len(r['sentences']) for r in pickle.load(f) if r['split'] == 'val')
   assert int(rows['all'][0]) == val_sentences > 0
