@@ -12,10 +12,18 @@ Prints held-out accuracy beside the majority-class rate.
 Then the multi-query generator's word attention A (eq. 9) on val expressions: its entropy over
 the words over that of the uniform distribution (1.0: every word weighted alike) and the mean
 total-variation distance between two queries' attentions (0.0: all N_q queries are the same
-mix of words, the multi-query design has collapsed into one query). docs/synthetic.md holds a run.
+mix of words, the multi-query design has collapsed into one query).
+
+Last, what the language code holds on its way to the head: the same probes, on val, test A and
+test B expressions, from F_t (the text encoder's projected output, averaged over the words) and
+from F_q (the queries of eq. 10, averaged), for each attribute the expression names (its target's
+colour, kind, size; its superlative or position word; its relation). A word that F_t holds and
+F_q does not is lost inside the query generator, and the head cannot use it.
+docs/synthetic.md holds runs.
 """
 import json
 import os
+import pickle
 import sys
 
 from absl import app
@@ -152,6 +160,47 @@ def word_attention(config, params, split, max_batches=10):
   return np.concatenate(out), np.concatenate(masks)
 
 
+def expression_labels(text):
+  """The attributes an expression of the synthetic grammar names ('none' where it names none)."""
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  e = synthetic.parse(text)
+  return {'colour': e.target.colour or 'none', 'kind': e.target.kind or 'none',
+          'size': e.target.size or 'none', 'extreme': e.extreme or 'none',
+          'relation': e.relation or 'none'}
+
+
+def text_code(config, params, raw_dir, splits):
+  """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}) over every expression of `splits`."""
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  model = eavl.build_model(config.model)
+  with open(os.path.join(raw_dir, 'synthetic', 'refs(unc).p'), 'rb') as f:
+    texts = {r['ref_id']: [t['sent'] for t in r['sentences']] for r in pickle.load(f)}
+
+  @jax.jit
+  def codes(image, input_ids, text_mask):
+    _, state = model.apply({'params': params}, image, input_ids, text_mask,
+                           capture_intermediates=lambda m, _: m.name in ('text_proj', 'query_generator'))
+    f_t = state['intermediates']['text_proj']['__call__'][0]                      # (B, L, C)
+    words = text_mask[..., None].astype(f_t.dtype)
+    return {'F_t': (f_t * words).sum(1) / words.sum(1),
+            'F_q': state['intermediates']['query_generator']['__call__'][0].mean(1)}  # (B, C)
+
+  features, labels = {'F_t': [], 'F_q': []}, []
+  for split in splits:
+    loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
+                                             batch_size=config.train.eval_batch_size)
+    for batch in loader:
+      keep = np.asarray(batch['valid'], bool)
+      out = jax.device_get(codes(batch['image'], batch['input_ids'], batch['attention_mask']))
+      for k, v in out.items():
+        features[k].append(v[keep])
+      labels += [expression_labels(texts[int(r)][int(j)])
+                 for r, j in zip(batch['ref_id'][keep], batch['sentence_index'][keep])]
+  attributes = {a: [l[a] for l in labels] for a in labels[0]}
+  return {k: np.concatenate(v) for k, v in features.items()}, attributes
+
+
 def main(argv):
   del argv
   from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -183,6 +232,16 @@ def main(argv):
         f'{config.data.val_split} expressions, {attention.shape[1]} queries')
   print(f'{"entropy / uniform":>18}{"distance between queries":>26}')
   print(f'{entropy:>18.3f}{distance:>26.3f}')
+  splits = tuple(dict.fromkeys((config.data.val_split,) + tuple(config.data.eval_splits)))
+  codes, named = text_code(config, params, raw, splits)
+  order = np.random.default_rng(0).permutation(len(named['kind']))    # splits mixed before 75/25
+  print(f'\nlinear probes of the language code ({len(order)} expressions of {", ".join(splits)}): '
+        f'the attribute the expression names')
+  print(f'{"attribute":<10}{"F_t held-out":>14}{"F_q held-out":>14}{"majority":>10}')
+  for name, values in named.items():
+    values = [values[i] for i in order]
+    (acc_t, majority), (acc_q, _) = (probe_accuracy(codes[k][order], values) for k in ('F_t', 'F_q'))
+    print(f'{name:<10}{acc_t:>14.3f}{acc_q:>14.3f}{majority:>10.3f}')
 
 
 if __name__ == '__main__':

@@ -175,6 +175,16 @@ def test_probe_accuracy_separable_and_random_labels():
   assert acc < 0.6
 
 
+def test_expression_labels_name_what_the_expression_says():
+  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
+  assert synthetic_probe.expression_labels('the small red circle') == {
+      'colour': 'red', 'kind': 'circle', 'size': 'small', 'extreme': 'none', 'relation': 'none'}
+  assert synthetic_probe.expression_labels('the leftmost shape') == {
+      'colour': 'none', 'kind': 'none', 'size': 'none', 'extreme': 'left', 'relation': 'none'}
+  assert synthetic_probe.expression_labels('the blue square to the left of the green circle') == {
+      'colour': 'blue', 'kind': 'square', 'size': 'none', 'extreme': 'none', 'relation': 'left of'}
+
+
 def test_attention_spread_uniform_and_distinct_queries():
   from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
   text_mask = np.array([[1, 1, 1, 1, 0, 0]])                # 4 words, 2 padding
@@ -197,6 +207,10 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   assert 'word attention' in lines[9]
   entropy, distance = map(float, lines[11].split())
   assert 0.0 <= entropy <= 1.0 and 0.0 <= distance <= 1.0
+  assert 'language code' in lines[13]
+  code_rows = [line.split() for line in lines[15:20]]
+  assert [r[0] for r in code_rows] == ['colour', 'kind', 'size', 'extreme', 'relation']
+  assert all(0.0 <= float(v) <= 1.0 for r in code_rows for v in r[1:])
   missing = _run_tool('synthetic_probe', tiny_trained, synthetic_raw, '--checkpoint=77')
   assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
 
