@@ -170,7 +170,7 @@ def expression_labels(text):
 
 
 def text_code(config, params, raw_dir, splits):
-  """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}) over every expression of `splits`."""
+  """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}), every expression of `splits`."""
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   model = eavl.build_model(config.model)
@@ -179,8 +179,9 @@ def text_code(config, params, raw_dir, splits):
 
   @jax.jit
   def codes(image, input_ids, text_mask):
-    _, state = model.apply({'params': params}, image, input_ids, text_mask,
-                           capture_intermediates=lambda m, _: m.name in ('text_proj', 'query_generator'))
+    _, state = model.apply(
+        {'params': params}, image, input_ids, text_mask,
+        capture_intermediates=lambda m, _: m.name in ('text_proj', 'query_generator'))
     f_t = state['intermediates']['text_proj']['__call__'][0]                      # (B, L, C)
     words = text_mask[..., None].astype(f_t.dtype)
     return {'F_t': (f_t * words).sum(1) / words.sum(1),
@@ -240,7 +241,8 @@ def main(argv):
   print(f'{"attribute":<10}{"F_t held-out":>14}{"F_q held-out":>14}{"majority":>10}')
   for name, values in named.items():
     values = [values[i] for i in order]
-    (acc_t, majority), (acc_q, _) = (probe_accuracy(codes[k][order], values) for k in ('F_t', 'F_q'))
+    (acc_t, majority), (acc_q, _) = (probe_accuracy(codes[k][order], values)
+                                     for k in ('F_t', 'F_q'))
     print(f'{name:<10}{acc_t:>14.3f}{acc_q:>14.3f}{majority:>10.3f}')
 
 
