@@ -19,6 +19,11 @@ test B expressions, from F_t (the text encoder's projected output, averaged over
 from F_q (the queries of eq. 10, averaged), for each attribute the expression names (its target's
 colour, kind, size; its superlative or position word; its relation). A word that F_t holds and
 F_q does not is lost inside the query generator, and the head cannot use it.
+
+Then the live units of every ReLU projection σ(XW) of the neck and the multi-query generator
+(eq. 2-3, 6, 8-10): how many of its channels are positive at some position (padding words
+included) of the first val expressions. A channel that is zero everywhere gets no gradient again:
+the branch it belongs to has dropped out of the model (docs/synthetic.md: the neck's S/32 branch).
 docs/synthetic.md holds runs.
 """
 import json
@@ -160,6 +165,43 @@ def word_attention(config, params, split, max_batches=10):
   return np.concatenate(out), np.concatenate(masks)
 
 
+def positive_channels(activations):
+  """Post-ReLU activations (..., C) -> (C,) bool: the channel is positive somewhere."""
+  a = np.asarray(activations)
+  return (a.reshape(-1, a.shape[-1]) > 0).any(0)
+
+
+def live_units(config, params, split, max_batches=3):
+  """-> {module path: (live channels, channels)} of every ReLU projection, on `split`."""
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import layers  # pylint: disable=g-import-not-at-top
+  model = eavl.build_model(config.model)
+
+  @jax.jit
+  def projections(image, input_ids, text_mask):
+    _, state = model.apply({'params': params}, image, input_ids, text_mask,
+                           capture_intermediates=lambda m, _: isinstance(m, layers.ProjectReLU),
+                           mutable=['intermediates'])
+    return state['intermediates']
+
+  loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
+                                           batch_size=config.train.eval_batch_size)
+  alive = {}
+  for i, batch in enumerate(loader):
+    if i == max_batches:
+      break
+    keep = np.asarray(batch['valid'], bool)
+    out = jax.device_get(projections(batch['image'], batch['input_ids'], batch['attention_mask']))
+    for path, value in jax.tree_util.tree_flatten_with_path(out)[0]:
+      if len(path) < 2 or getattr(path[-2], 'key', None) != '__call__':
+        continue                                          # sown diagnostics, not a projection
+      name = '/'.join(str(p.key) for p in path[:-2])     # drop '__call__' and the output index
+      positive = positive_channels(value[keep])
+      alive[name] = alive.get(name, np.zeros_like(positive)) | positive
+  return {name: (int(a.sum()), a.size) for name, a in alive.items()}
+
+
 def expression_labels(text):
   """The attributes an expression of the synthetic grammar names ('none' where it names none)."""
   from data_prep import synthetic  # pylint: disable=g-import-not-at-top
@@ -244,6 +286,12 @@ def main(argv):
     (acc_t, majority), (acc_q, _) = (probe_accuracy(codes[k][order], values)
                                      for k in ('F_t', 'F_q'))
     print(f'{name:<10}{acc_t:>14.3f}{acc_q:>14.3f}{majority:>10.3f}')
+  units = live_units(config, params, config.data.val_split)
+  print(f'\nlive units of the ReLU projections σ(XW) (channels positive somewhere on '
+        f'{config.data.val_split})')
+  print(f'{"projection":<34}{"live":>6}{"channels":>10}')
+  for name, (live, total) in units.items():
+    print(f'{name:<34}{live:>6}{total:>10}')
 
 
 if __name__ == '__main__':

@@ -196,6 +196,15 @@ def test_attention_spread_uniform_and_distinct_queries():
   assert np.allclose(synthetic_probe.attention_spread(distinct, text_mask), (0.0, 1.0))
 
 
+def test_positive_channels_counts_channels_positive_anywhere():
+  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
+  a = np.zeros((2, 3, 4, 5))
+  a[1, 2, 3, 0] = 0.5            # channel 0 positive at one position of one sample
+  a[0, 0, 0, 3] = 2.0            # channel 3 too
+  a[:, :, :, 4] = -1.0           # negative values are not alive (pre-ReLU inputs would be)
+  assert synthetic_probe.positive_channels(a).tolist() == [True, False, False, True, False]
+
+
 def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   result = _run_tool('synthetic_probe', tiny_trained, synthetic_raw)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -211,6 +220,13 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
   code_rows = [line.split() for line in lines[15:20]]
   assert [r[0] for r in code_rows] == ['colour', 'kind', 'size', 'extreme', 'relation']
   assert all(0.0 <= float(v) <= 1.0 for r in code_rows for v in r[1:])
+  assert 'live units' in lines[21]
+  unit_rows = {r[0]: (int(r[1]), int(r[2])) for r in (line.split() for line in lines[23:])}
+  c = 32                                               # tiny.py's hidden_dim (the test model)
+  assert unit_rows['neck/v4'][1] == c and unit_rows['neck/m3'][1] == c // 2
+  assert {'neck/tg', 'query_generator/vd', 'query_generator/dense_neck/v4'} <= set(unit_rows)
+  assert 'query_generator' not in unit_rows          # the sown word attention is no projection
+  assert all(0 <= live <= total for live, total in unit_rows.values())
   missing = _run_tool('synthetic_probe', tiny_trained, synthetic_raw, '--checkpoint=77')
   assert missing.returncode != 0 and 'no checkpoint of step 77' in missing.stderr.splitlines()[-1]
 
