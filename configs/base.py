@@ -85,6 +85,8 @@ def get_config():
                               # image encoder runs once per image); 1 = independent refs (LAVT)
   dt.num_workers = 4          # grain worker processes per host (0 = in-process)
   dt.prefetch = 2
+  dt.read_threads = 16        # grain.ReadOptions: threads reading records (0 = in the loader's
+  dt.read_buffer_size = 500   # thread), records read ahead; grain's defaults
   dt.eval_max_size = 640      # original-size masks are padded to this canvas for batched metrics
   # dataset='synthetic' with data_dir '': training generates this many images (seed = c.seed)
   # and builds their records under <workdir>/data once (eavl_jax/trainer.py: prepare_data).

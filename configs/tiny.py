@@ -37,6 +37,8 @@ def get_config():
 
   c.data.dataset = 'synthetic'
   c.data.num_workers = 0
+  c.data.read_threads = 0     # records read in the loader's thread: on 2 cores grain's 16 reader
+                              # threads double the in-process batch time (benchmarks/input_pipeline.py)
   c.train.global_batch_size = 4
   c.train.eval_batch_size = 4
   return c

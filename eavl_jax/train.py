@@ -8,39 +8,6 @@ eavl_jax/distributed.py and launch/ (docs/distributed.md).
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
-
-from eavl_jax import distributed
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and metrics.')
-
-
-def quiet_libraries():
-  """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
-  ours = (os.sep + 'eavl_jax' + os.sep, os.sep + 'data_prep' + os.sep)
-  noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
-  logging.get_absl_handler().addFilter(
-      lambda r: (r.levelno >= logging.converter.STANDARD_WARNING
-                 and not any(n in str(r.msg) for n in noise))
-      or any(p in r.pathname for p in ours))
-
-
-# XLA:CPU takes each step's temporaries as one malloc block (200 MB for configs/synthetic.py);
-# glibc serves a block over 32 MB with a fresh mmap and unmaps it on free, so every step faults it
-# in again 4 KiB at a time (30% of the CPU time in the kernel; docs/performance.md §2.5). With
-# transparent huge pages for malloc the faults are 512x fewer: 4.25 -> 4.87 steps/s there.
-# glibc reads its tunables only at start-up, hence the re-exec. A GLIBC_TUNABLES already set
-# (even empty) is left alone: the way to opt out.
 MALLOC_TUNABLES = 'glibc.malloc.hugetlb=1'
 
 
@@ -67,13 +34,56 @@ def host_facts():
   return glibc, thp
 
 
+def restart_with_malloc_tunables():
+  """Replaces this process by one with MALLOC_TUNABLES when wanted; before the heavy imports, so
+  that they run once."""
+  if malloc_tunables_wanted(os.environ, *host_facts()):
+    os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
+
+
+if __name__ == '__main__':
+  restart_with_malloc_tunables()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from eavl_jax import distributed
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and metrics.')
+
+
+def quiet_libraries():
+  """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
+  ours = (os.sep + 'eavl_jax' + os.sep, os.sep + 'data_prep' + os.sep)
+  noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
+  logging.get_absl_handler().addFilter(
+      lambda r: (r.levelno >= logging.converter.STANDARD_WARNING
+                 and not any(n in str(r.msg) for n in noise))
+      or any(p in r.pathname for p in ours))
+
+
+# XLA:CPU takes each step's temporaries as one malloc block (200 MB for configs/synthetic.py);
+# glibc serves a block over 32 MB with a fresh mmap and unmaps it on free, so every step faults it
+# in again 4 KiB at a time (30% of the CPU time in the kernel; docs/performance.md §2.5). With
+# transparent huge pages for malloc the faults are 512x fewer: 4.25 -> 4.87 steps/s there.
+# glibc reads its tunables only at start-up, hence the re-exec. A GLIBC_TUNABLES already set
+# (even empty) is left alone: the way to opt out.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
-  if malloc_tunables_wanted(os.environ, *host_facts()):
-    os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
   quiet_libraries()
   logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES'))
   distributed.initialize()
