@@ -23,3 +23,14 @@ def test_profile_ops_tables(tmp_path):
   parts = set(data['by_part'])
   assert any(p.startswith('layers_0/blocks_0 (forward)') for p in parts), parts
   assert any(p.startswith('layers_0/blocks_0 (backward)') for p in parts), parts
+
+
+def test_train_loader_variants_give_the_same_batches(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/train_loader.py', '--config=configs/tiny.py',
+       '--config.data.synthetic_images=40', f'--workdir={tmp_path}', '--batches=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'same batches in every variant: True' in result.stdout, result.stdout
+  rows = [l for l in result.stdout.splitlines() if l.rstrip().endswith('x')]
+  assert len(rows) == 3 and all(float(l.split()[-2]) > 0 for l in rows), result.stdout

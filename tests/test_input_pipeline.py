@@ -197,3 +197,38 @@ def test_refs_per_image_bad_settings_are_clear_errors(config):
   config.data.refs_per_image = 0
   with pytest.raises(ValueError, match=r'refs_per_image=0: must be at least 1'):
     _train(config, batch_size=4)
+
+
+def test_reader_threads_and_tokenizer_cache_do_not_change_the_batches(config, monkeypatch):
+  """data.read_threads (grain.ReadOptions) and the per-sentence ids cache are speed only."""
+  def batches(read_threads, cache_size):
+    monkeypatch.setattr(input_pipeline._Tokenize, 'CACHE_SIZE', cache_size)  # pylint: disable=protected-access
+    c = config.copy_and_resolve_references()
+    c.data.read_threads = read_threads
+    it = _train(c, seed=3, batch_size=4)
+    return [next(it) for _ in range(12)]    # > 1 epoch of the tiny train split: cache hits
+  want = batches(16, 0)
+  for got in (batches(0, 1 << 18), batches(2, 1 << 18)):
+    for g, w in zip(got, want):
+      assert g.keys() == w.keys()
+      for k in w:
+        np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+  c = config.copy_and_resolve_references()
+  c.data.read_threads = -1                  # reaches grain.ReadOptions, which refuses it
+  with pytest.raises(ValueError, match='num_threads'):
+    next(_train(c))
+
+
+def test_tokenizer_cache_returns_the_tokenizers_ids_read_only(config):
+  tokenize = input_pipeline._tokenize(config)  # pylint: disable=protected-access
+  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+  tokenizer = hub.load_tokenizer(config.model.text_encoder)
+  for text in ('the red circle', 'left small square', 'the red circle'):
+    ids, mask = tokenize(text)
+    want = tokenizer(text, max_length=config.model.max_tokens, truncation=True,
+                     padding='max_length')
+    np.testing.assert_array_equal(ids, want['input_ids'])
+    np.testing.assert_array_equal(mask, want['attention_mask'])
+    assert not ids.flags.writeable and not mask.flags.writeable
+  assert tokenize('the red circle')[0] is tokenize('the red circle')[0]   # the cached arrays
+  assert len(tokenize._cache) == 2  # pylint: disable=protected-access
