@@ -38,7 +38,7 @@ def get_config():
   c.data.dataset = 'synthetic'
   c.data.num_workers = 0
   c.data.read_threads = 0     # records read in the loader's thread: on 2 cores grain's 16 reader
-                              # threads double the in-process batch time (benchmarks/input_pipeline.py)
+                              # threads cost 48 vs 32 ms a batch (benchmarks/train_loader.py)
   c.train.global_batch_size = 4
   c.train.eval_batch_size = 4
   return c

@@ -191,7 +191,7 @@ class _Tokenize:
 
   # A data set has a fixed set of sentences, each seen once per epoch: the ids of each are kept
   # (read-only arrays) after its first call, since the HF call costs ~1.4 ms a sentence, a fifth
-  # of an in-process train batch of the embedded default (benchmarks/input_pipeline.py).
+  # of an in-process train batch of the embedded default (benchmarks/train_loader.py).
   CACHE_SIZE = 1 << 18
 
   def __init__(self, text_config, max_tokens):

@@ -8,6 +8,12 @@ eavl_jax/distributed.py and launch/ (docs/distributed.md).
 import os
 import sys
 
+# XLA:CPU takes each step's temporaries as one malloc block (200 MB for configs/synthetic.py);
+# glibc serves a block over 32 MB with a fresh mmap and unmaps it on free, so every step faults it
+# in again 4 KiB at a time (30% of the CPU time in the kernel; docs/performance.md §2.5). With
+# transparent huge pages for malloc the faults are 512x fewer: 4.25 -> 4.87 steps/s there.
+# glibc reads its tunables only at start-up, hence the re-exec. A GLIBC_TUNABLES already set
+# (even empty) is left alone: the way to opt out.
 MALLOC_TUNABLES = 'glibc.malloc.hugetlb=1'
 
 
@@ -73,12 +79,6 @@ def quiet_libraries():
       or any(p in r.pathname for p in ours))
 
 
-# XLA:CPU takes each step's temporaries as one malloc block (200 MB for configs/synthetic.py);
-# glibc serves a block over 32 MB with a fresh mmap and unmaps it on free, so every step faults it
-# in again 4 KiB at a time (30% of the CPU time in the kernel; docs/performance.md §2.5). With
-# transparent huge pages for malloc the faults are 512x fewer: 4.25 -> 4.87 steps/s there.
-# glibc reads its tunables only at start-up, hence the re-exec. A GLIBC_TUNABLES already set
-# (even empty) is left alone: the way to opt out.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
