@@ -18,6 +18,13 @@ def get_config():
   m.num_queries = 24          # N_q (table II)
   m.dtype = 'float32'         # compute dtype (float32 | bfloat16); parameters stay float32
   m.remat = False             # nn.remat around Swin and BERT blocks
+  # Norm between each Dense / conv of the neck and query generator and its ReLU: 'none' (the
+  # paper names none) | 'layer' (per sample) | 'batch' (per channel over the global batch, running
+  # averages at evaluation, as CRIS's projections; docs/design.md).
+  m.head_norm = 'none'
+  # The global gates σ(F_tg W_tg) (eq. 2) and σ(F_vg W_vg) (eq. 8) start at 1 for every input
+  # (zero weights, unit bias): the gated features start as the ungated ones (docs/design.md).
+  m.gates_open_at_init = False
 
   # Swin-B, window 12 (ImageNet-22k 384² release).
   m.vision_encoder = v = ml_collections.ConfigDict()
@@ -52,10 +59,10 @@ def get_config():
 
   m.neck = n = ml_collections.ConfigDict()
   n.use_global_text = True    # eq. 2 with F_tg (table IV); off: F_v4 alone
-  n.use_norm = False          # a LayerNorm after each σ(XW) of the neck
 
   m.query_generator = q = ml_collections.ConfigDict()
   q.use_global_vision = True  # eq. 8 with F_vg (table IV); off: F_t alone
+  q.scale_word_attention = False  # eq. 9 logits / sqrt(C): a departure (the paper has no scale)
 
   m.decoder = d = ml_collections.ConfigDict()
   d.num_layers = 3
@@ -68,7 +75,8 @@ def get_config():
   a.mode = 'aligner'          # 'aligner' (dynamic kernels, eq. 11-14) | 'fixed' (one learned 3x3 kernel)
   a.use_estimator = True      # multi-query estimator (eq. 13); off: equal weights 1/N_q
   a.estimator_heads = 8
-  a.kernel_activation = 'none'  # σ of eq. 11: 'none' (DESIGN.md) | 'relu' (the paper's text)
+  a.kernel_activation = 'none'  # σ on F_pn (eq. 11): 'none' (linear, as CRIS) | 'relu' (the text)
+  a.feature_activation = 'none'  # on F_p after its conv: 'none' (eq. 11) | 'relu' (a departure)
   a.conv_impl = 'auto'        # dynamic conv: 'vmap_conv' (reference) | 'shifted_matmul' | 'auto' (fastest on backend)
 
   # ---------------------------------------------------------------- data
@@ -91,6 +99,16 @@ def get_config():
   # dataset='synthetic' with data_dir '': training generates this many images (seed = c.seed)
   # and builds their records under <workdir>/data once (eavl_jax/trainer.py: prepare_data).
   dt.synthetic_images = 2000
+
+  # ---------------------------------------------------------------- encoder pretraining
+  # dataset='synthetic' only: > 0 pretrains the Swin on the synthetic train images (kind, colour,
+  # size at each cell; eavl_jax/synthetic_pretrain.py) for this many steps before training, and
+  # loads it as model.vision_encoder.pretrained. Made once under <workdir>/data.
+  c.pretrain = pt = ml_collections.ConfigDict()
+  pt.vision_steps = 0
+  pt.batch_size = 32
+  pt.learning_rate = 1e-3
+  pt.warmup_steps = 50
 
   # ---------------------------------------------------------------- loss
   c.loss = ml_collections.ConfigDict()

@@ -63,7 +63,7 @@ def per_expression_iou(config, workdir, checkpoint, split):
   from eavl_jax import sharding
   from eavl_jax import trainer
   from eavl_jax.models import eavl
-  params, _ = evaluate.restore_params(config, workdir, checkpoint)
+  variables, _ = evaluate.restore_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh(config.mesh)
   predict = trainer.make_predict_fn(eavl.build_model(config.model))
   loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
@@ -71,7 +71,7 @@ def per_expression_iou(config, workdir, checkpoint, split):
   rows = []
   for batch in loader:
     g = sharding.global_batch({k: batch[k] for k in metrics.EVAL_KEYS}, mesh)
-    logits = predict(params, g)
+    logits = predict(variables, g)['logits']
     inter, union = metrics.batch_intersection_union(logits, g['mask_orig'], g['orig_size'])
     inter, union = np.asarray(inter), np.asarray(union)
     foreground = np.asarray(metrics.upsample_to_canvas(

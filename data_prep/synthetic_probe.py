@@ -81,7 +81,7 @@ def probe_accuracy(features, labels, train_share=0.75, steps=500, l2=1e-3):
   return float((predicted == y[n:]).mean()), float(np.bincount(y).max() / len(y))
 
 
-def shape_features(config, params, raw_dir, num_images, batch_size=50):
+def shape_features(config, variables, raw_dir, num_images, batch_size=50):
   """-> ({level: (N, D)}, {attribute: [N values]}) for the shapes of the first images."""
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
@@ -101,7 +101,7 @@ def shape_features(config, params, raw_dir, num_images, batch_size=50):
   @jax.jit
   def maps(x):
     n = x.shape[0]
-    _, state = model.apply({'params': params}, x, np.repeat(ids, n, 0), np.repeat(mask, n, 0),
+    _, state = model.apply(variables, x, np.repeat(ids, n, 0), np.repeat(mask, n, 0),
                            capture_intermediates=lambda m, _: m.name in LEVELS.values())
     return {k: state['intermediates'][v]['__call__'][0] for k, v in LEVELS.items()}
 
@@ -140,7 +140,7 @@ def attention_spread(attention, text_mask):
   return float(relative.mean()), float(np.mean(pairs))
 
 
-def word_attention(config, params, split, max_batches=10):
+def word_attention(config, variables, split, max_batches=10):
   """-> (A (N, N_q, L), text masks (N, L)) of the model on `split`'s first batches."""
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
@@ -148,7 +148,7 @@ def word_attention(config, params, split, max_batches=10):
 
   @jax.jit
   def attention(image, input_ids, text_mask):
-    _, state = model.apply({'params': params}, image, input_ids, text_mask,
+    _, state = model.apply(variables, image, input_ids, text_mask,
                            mutable=['intermediates'])
     return state['intermediates']['query_generator']['word_attention'][0]
 
@@ -171,7 +171,7 @@ def positive_channels(activations):
   return (a.reshape(-1, a.shape[-1]) > 0).any(0)
 
 
-def live_units(config, params, split, max_batches=3):
+def live_units(config, variables, split, max_batches=3):
   """-> {module path: (live channels, channels)} of every ReLU projection, on `split`."""
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
@@ -180,7 +180,7 @@ def live_units(config, params, split, max_batches=3):
 
   @jax.jit
   def projections(image, input_ids, text_mask):
-    _, state = model.apply({'params': params}, image, input_ids, text_mask,
+    _, state = model.apply(variables, image, input_ids, text_mask,
                            capture_intermediates=lambda m, _: isinstance(m, layers.ProjectReLU),
                            mutable=['intermediates'])
     return state['intermediates']
@@ -211,7 +211,7 @@ def expression_labels(text):
           'relation': e.relation or 'none'}
 
 
-def text_code(config, params, raw_dir, splits):
+def text_code(config, variables, raw_dir, splits):
   """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}), every expression of `splits`."""
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
@@ -222,7 +222,7 @@ def text_code(config, params, raw_dir, splits):
   @jax.jit
   def codes(image, input_ids, text_mask):
     _, state = model.apply(
-        {'params': params}, image, input_ids, text_mask,
+        variables, image, input_ids, text_mask,
         capture_intermediates=lambda m, _: m.name in ('text_proj', 'query_generator'))
     f_t = state['intermediates']['text_proj']['__call__'][0]                      # (B, L, C)
     words = text_mask[..., None].astype(f_t.dtype)
@@ -253,15 +253,15 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
   if FLAGS.checkpoint == 'init':
-    params = eavl.build_model(config.model).init(
-        jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))['params']
+    variables = eavl.build_model(config.model).init(
+        jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))
   else:
     try:
-      params, _ = evaluate.restore_params(config, FLAGS.workdir, FLAGS.checkpoint)
+      variables, _ = evaluate.restore_variables(config, FLAGS.workdir, FLAGS.checkpoint)
     except (ValueError, FileNotFoundError) as e:     # no such step, another config: one line
       sys.exit(evaluate.error_message(e))
   raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
-  features, attributes = shape_features(config, params, raw, FLAGS.images)
+  features, attributes = shape_features(config, variables, raw, FLAGS.images)
   print(f'linear probes of the vision features at shape centres ({len(attributes["kind"])} '
         f'shapes, checkpoint {FLAGS.checkpoint or "latest"})')
   print(f'{"attribute":<10}{"level":<7}{"held-out acc":>13}{"majority":>10}')
@@ -269,14 +269,14 @@ def main(argv):
     for level, f in features.items():
       acc, majority = probe_accuracy(f, values)
       print(f'{name:<10}{level:<7}{acc:>13.3f}{majority:>10.3f}')
-  attention, text_mask = word_attention(config, params, config.data.val_split)
+  attention, text_mask = word_attention(config, variables, config.data.val_split)
   entropy, distance = attention_spread(attention, text_mask)
   print(f'\nmulti-query generator, word attention A (eq. 9) on {len(attention)} '
         f'{config.data.val_split} expressions, {attention.shape[1]} queries')
   print(f'{"entropy / uniform":>18}{"distance between queries":>26}')
   print(f'{entropy:>18.3f}{distance:>26.3f}')
   splits = tuple(dict.fromkeys((config.data.val_split,) + tuple(config.data.eval_splits)))
-  codes, named = text_code(config, params, raw, splits)
+  codes, named = text_code(config, variables, raw, splits)
   order = np.random.default_rng(0).permutation(len(named['kind']))    # splits mixed before 75/25
   print(f'\nlinear probes of the language code ({len(order)} expressions of {", ".join(splits)}): '
         f'the attribute the expression names')
@@ -286,7 +286,7 @@ def main(argv):
     (acc_t, majority), (acc_q, _) = (probe_accuracy(codes[k][order], values)
                                      for k in ('F_t', 'F_q'))
     print(f'{name:<10}{acc_t:>14.3f}{acc_q:>14.3f}{majority:>10.3f}')
-  units = live_units(config, params, config.data.val_split)
+  units = live_units(config, variables, config.data.val_split)
   print(f'\nlive units of the ReLU projections σ(XW) (channels positive somewhere on '
         f'{config.data.val_split})')
   print(f'{"projection":<34}{"live":>6}{"channels":>10}')

@@ -152,26 +152,28 @@ def select_step(manager, step=None, best=False) -> int:
 
 
 def restore_for_eval(config, workdir, step=None, best=False):
-  """-> (params, step): the model parameters of a training run's checkpoint, replicated on all
-  devices. Default: the latest step; `best=True`: the best validation mIoU; or a given step.
-  Raises FileNotFoundError for a workdir without checkpoints and ValueError (naming the
-  mismatched entries) for a checkpoint of another model config.
+  """-> (variables, step): the model's variables ({'params', 'batch_stats'}) of a training run's
+  checkpoint, replicated on all devices. Default: the latest step; `best=True`: the best validation
+  mIoU; or a given step. Raises FileNotFoundError for a workdir without checkpoints and ValueError
+  (naming the mismatched entries) for a checkpoint of another model config.
   """
   from eavl_jax import model_info  # pylint: disable=g-import-not-at-top
   manager = make_manager(workdir, read_only=True)
   step = select_step(manager, step, best)
-  abstract_params = model_info.abstract_params(config.model)
+  abstract = model_info.abstract_variables(config.model)
+  if not abstract['batch_stats']:
+    del abstract['batch_stats']     # nothing to read (and checkpoints before BatchNorm lack it)
   where = os.path.join(str(manager.directory), str(step))
   saved = _saved_state_metadata(manager, step)
   if not isinstance(saved, dict) or 'params' not in saved:
     raise ValueError(f'{where} holds no training state with params')
-  check_compatible(saved['params'], abstract_params, where)
+  check_compatible({k: saved.get(k, {}) for k in abstract}, abstract, where)
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.array(jax.devices()), ('data',)), jax.sharding.PartitionSpec())
-  target = {'params': _restore_targets(abstract_params, jax.tree.map(lambda _: replicated,
-                                                                     abstract_params))}
+  target = _restore_targets(abstract, jax.tree.map(lambda _: replicated, abstract))
   restored = manager.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True)}))
   manager.close()
-  return restored[STATE]['params'], step
+  return {'params': restored[STATE]['params'],
+          'batch_stats': restored[STATE].get('batch_stats', {})}, step

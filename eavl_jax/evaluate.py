@@ -6,9 +6,11 @@
 Default checkpoint: the latest of DIR/checkpoints; --best: the best validation mIoU; --checkpoint:
 a step of DIR, or a checkpoint folder `<other workdir>/checkpoints/<step>`. The metrics are those
 of ../shared/DESIGN.md (original image size, every sentence a sample; eavl_jax/metrics.py).
-Prints tables laid out like the paper's tables I and II (in %) and writes the same numbers
-(fractions) to DIR/eval/<step>.json. Multi-host: as training (eavl_jax/distributed.py, launch/
-with --module=evaluate; docs/distributed.md).
+Prints tables laid out like the paper's tables I and II (in %), then the query diversity of every
+split (metrics.DIVERSITY_KEYS: mean pairwise IoU of the query masks, normalised entropy of the
+estimator's scores), and writes the same numbers (fractions) to DIR/eval/<step>.json.
+Multi-host: as training (eavl_jax/distributed.py, launch/ with --module=evaluate;
+docs/distributed.md).
 """
 import json
 import os
@@ -66,8 +68,8 @@ def parse_checkpoint(workdir, checkpoint):
   return os.path.dirname(parent), int(name)
 
 
-def restore_params(config, workdir, checkpoint=None, best=False):
-  """-> (params, step) of the chosen checkpoint (clear errors: none there, another config)."""
+def restore_variables(config, workdir, checkpoint=None, best=False):
+  """-> (variables {'params', 'batch_stats'}, step) of the chosen checkpoint (clear errors: none there, another config)."""
   from eavl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if best and checkpoint is not None:
     raise ValueError('give either --checkpoint or --best, not both')
@@ -88,7 +90,8 @@ def evaluate_split(config, predict_fn, split, *, mesh, batch_size=None, logits_o
   """Metrics of one split (metrics.summarize): every sentence once, padding never counted.
 
   predict_fn(batch) -> logits (B, h, w) over the whole image (or (B, M, M) on the original-size
-  canvas with logits_on_canvas=True); batch: global arrays sharded over the mesh.
+  canvas with logits_on_canvas=True), or the model's dict {'logits', 'masks', 'scores'} (then the
+  result also holds metrics.DIVERSITY_KEYS); batch: global arrays sharded over the mesh.
   """
   from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from eavl_jax import metrics  # pylint: disable=g-import-not-at-top
@@ -107,8 +110,10 @@ def evaluate_splits(config, predict_fn, splits, **kwargs):
 
 
 def format_tables(dataset, step, results):
-  """Table I layout (metric rows, split columns, the paper's EAVL row beside ours) and table II
-  layout (a row per split: mIoU, Pr@50 ... Pr@90, oIoU), in %."""
+  """Table I layout (metric rows, split columns, the paper's EAVL row beside ours), table II
+  layout (a row per split: mIoU, Pr@50 ... Pr@90, oIoU) and, where measured, the query diversity
+  (a row per split: qIoU = query_mask_iou, S-ent = score_entropy; '-': not measured), in %."""
+  from eavl_jax import metrics  # pylint: disable=g-import-not-at-top
   splits = list(results)
   name = DATASET_NAMES.get(dataset, dataset)
   paper = PAPER_TABLE_I.get(dataset, {})
@@ -127,6 +132,14 @@ def format_tables(dataset, step, results):
   for s in splits:
     lines.append(f'{s:<8}{results[s]["samples"]:>9}'
                  + ''.join(col(f'{100 * results[s][k]:.2f}') for k in TABLE_II_KEYS))
+  if any(k in results[s] for s in splits for k in metrics.DIVERSITY_KEYS):
+    lines += ['', 'Query diversity (qIoU: mean IoU of the query mask pairs, S-ent: entropy of the '
+              'scores / log N_q; 100: all masks alike / uniform scores)',
+              f'{"split":<8}{"samples":>9}{col("qIoU")}{col("S-ent")}']
+    for s in splits:
+      lines.append(f'{s:<8}{results[s]["samples"]:>9}' + ''.join(
+          col(f'{100 * results[s][k]:.2f}' if k in results[s] else '-')
+          for k in metrics.DIVERSITY_KEYS))
   return '\n'.join(lines)
 
 
@@ -160,10 +173,10 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
   splits = list(splits or config.data.eval_splits)
   if not splits:
     raise ValueError('no split to evaluate: give --splits or set config.data.eval_splits')
-  params, step = restore_params(config, workdir, checkpoint, best)
+  variables, step = restore_variables(config, workdir, checkpoint, best)
   mesh = sharding.make_mesh(config.mesh)
   predict = trainer.make_predict_fn(eavl.build_model(config.model))
-  results = evaluate_splits(config, lambda batch: predict(params, batch), splits, mesh=mesh,
+  results = evaluate_splits(config, lambda batch: predict(variables, batch), splits, mesh=mesh,
                             batch_size=batch_size)
   path = None
   if jax.process_index() == 0:

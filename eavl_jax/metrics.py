@@ -8,6 +8,13 @@ Pr@X = share of expressions with I/U ≥ X.
 Images of a batch have different sizes, so the work is done on a fixed (M, M) canvas,
 M = config.data.eval_max_size: the ground truth sits top-left on it ('mask_orig'), each sample's
 logits are resized onto its own (H, W) box of it, and pixels outside the box never count.
+
+Query diversity (how much the N_q query masks of eq. 12 and the estimator's scores of eq. 13
+differ), per expression, averaged over a split like mIoU:
+  query_mask_iou: mean IoU over the pairs n < m of the binarised query masks (logit > 0), at
+    the masks' own resolution (S/4). Two empty masks are identical: IoU 1. N_q = 1: 1.
+  score_entropy: H(S) / log N_q of the scores, 1 = uniform, 0 = one query. N_q = 1: 1.
+With N_q = 1 both are 1.0 by definition (a single query, no diversity at all).
 """
 import functools
 import math
@@ -21,6 +28,7 @@ from eavl_jax import sharding
 
 THRESHOLDS = (5, 6, 7, 8, 9)  # Pr@0.5 ... Pr@0.9, in tenths (compared exactly in integers)
 METRIC_KEYS = ('oIoU', 'mIoU') + tuple(f'Pr@0.{k}' for k in THRESHOLDS)
+DIVERSITY_KEYS = ('query_mask_iou', 'score_entropy')
 EVAL_KEYS = ('image', 'input_ids', 'attention_mask', 'mask_orig', 'orig_size', 'valid')
 
 
@@ -96,6 +104,43 @@ def summarize(intersections, unions):
   return out
 
 
+def query_mask_iou(masks):
+  """masks (B, N_q, h, w) logits -> (B,) float32: mean IoU of (mask > 0) over the query pairs.
+
+  The IoU of two empty masks is 1 (they are identical); with N_q = 1 (no pair) the result is 1.
+  """
+  b, n = masks.shape[:2]
+  if n == 1:
+    return jnp.ones((b,), jnp.float32)
+  fg = (masks > 0).reshape(b, n, -1).astype(jnp.float32)                    # (B, N, P)
+  inter = jnp.einsum('bnp,bmp->bnm', fg, fg, precision=jax.lax.Precision.HIGHEST)  # (B, N, N)
+  area = jnp.diagonal(inter, axis1=1, axis2=2)                              # (B, N)
+  union = area[:, :, None] + area[:, None, :] - inter                       # (B, N, N)
+  iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)          # empty pair: 1
+  pairs = jnp.triu(jnp.ones((n, n), jnp.float32), k=1)                      # n < m
+  return (iou * pairs).sum((1, 2)) / (n * (n - 1) / 2)
+
+
+def score_entropy(scores):
+  """scores (B, N_q), each row summing to 1 -> (B,) float32 H(S) / log N_q in [0, 1].
+
+  1 = uniform over the queries, 0 = all weight on one; with N_q = 1 the result is 1.
+  """
+  b, n = scores.shape
+  if n == 1:
+    return jnp.ones((b,), jnp.float32)
+  p = scores.astype(jnp.float32)
+  h = -jax.scipy.special.xlogy(p, p).sum(-1)                                # 0 log 0 = 0
+  return jnp.clip(h / np.log(n), 0.0, 1.0)
+
+
+@jax.jit
+def _valid_diversity_sums(masks, scores, valid):
+  """-> (2,) float32: the sums of query_mask_iou and score_entropy over the valid samples."""
+  return jnp.stack([jnp.where(valid, query_mask_iou(masks), 0.0).sum(),
+                    jnp.where(valid, score_entropy(scores), 0.0).sum()])
+
+
 def _padding_like(batch):
   """An all-invalid batch of the same shapes (for a host whose shard ran out first)."""
   return {k: np.zeros_like(np.asarray(batch[k])) for k in EVAL_KEYS if k in batch}
@@ -110,11 +155,14 @@ def _valid_intersection_union(logits, mask_orig, orig_size, valid, logits_on_can
 
 def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_canvas=False,
                     padding_batch=None):
-  """Runs predict_fn over every batch and returns `summarize` of the valid samples.
+  """Runs predict_fn over every batch -> `summarize` of the valid samples (+ DIVERSITY_KEYS).
 
-  predict_fn(batch) -> logits (B, h, w): gets a dict of global arrays (EVAL_KEYS), the batch
-    axis split over the mesh (sharding.batch_sharding); jit it yourself, with the parameters
-    as an argument (not a closed-over constant).
+  predict_fn(batch) -> logits (B, h, w), or a dict {'logits', 'masks' (B, N_q, h', w'),
+    'scores' (B, N_q)} (the model's output): then the summary also holds DIVERSITY_KEYS, the
+    means over the valid samples (only their per-batch sums come back to the host). It gets a
+    dict of global arrays (EVAL_KEYS), the batch axis split over the mesh
+    (sharding.batch_sharding); jit it yourself, with the parameters as an argument (not a
+    closed-over constant).
   loader: iterable of host-local numpy batches (the eval batch contract of input_pipeline).
   num_batches: every host must run the same number of steps; if given, a host whose loader is
     shorter continues with all-invalid batches (`padding_batch`, else zeros shaped like its last).
@@ -122,6 +170,7 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   """
   metric = functools.partial(_valid_intersection_union, logits_on_canvas=logits_on_canvas)
   inters, unions, valids = [], [], []
+  diversity, counted = None, 0   # (2,) sums of DIVERSITY_KEYS; the valid samples they cover
   iterator = iter(loader)
   step = 0
   while num_batches is None or step < num_batches:
@@ -134,8 +183,15 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
       batch = padding_batch if padding_batch is not None else _padding_like(last)
     last = batch
     g = sharding.global_batch({k: batch[k] for k in EVAL_KEYS if k in batch}, mesh)
-    i, u = metric(predict_fn(g), g['mask_orig'], g['orig_size'], g['valid'])
+    out = predict_fn(g)
+    logits = out['logits'] if isinstance(out, dict) else out
+    i, u = metric(logits, g['mask_orig'], g['orig_size'], g['valid'])
     i, u, v = multihost_utils.process_allgather((i, u, g['valid']), tiled=True)
+    if isinstance(out, dict) and 'masks' in out and 'scores' in out:
+      sums = multihost_utils.process_allgather(
+          _valid_diversity_sums(out['masks'], out['scores'], g['valid']), tiled=True)
+      diversity = np.asarray(sums, np.float64) + (0 if diversity is None else diversity)
+      counted += int(np.sum(v))
     inters.append(np.asarray(i))
     unions.append(np.asarray(u))
     valids.append(np.asarray(v, bool))
@@ -145,7 +201,11 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   if not inters:
     return summarize([], [])
   valid = np.concatenate(valids)
-  return summarize(np.concatenate(inters)[valid], np.concatenate(unions)[valid])
+  result = summarize(np.concatenate(inters)[valid], np.concatenate(unions)[valid])
+  if diversity is not None:   # no valid sample: 0, like the other metrics
+    result.update({k: float(x / counted) if counted else 0.0
+                   for k, x in zip(DIVERSITY_KEYS, diversity)})
+  return result
 
 
 def num_eval_batches(num_examples, process_count, local_batch_size):

@@ -55,11 +55,18 @@ PAPER_COST = {'gflops': 131.01, 'params_m': 202.11, 'fps': 8.78, 'refcocop_val_m
               'image_size': 480}
 
 
-def abstract_params(model_config, batch_size=1):
-  """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+def abstract_variables(model_config, batch_size=1):
+  """{'params', 'batch_stats'} as ShapeDtypeStructs (jax.eval_shape: nothing is allocated);
+  'batch_stats' is {} without BatchNorm in the head."""
   model = eavl.build_model(model_config)
   inputs = eavl.dummy_inputs(model_config, batch_size)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))['params']
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def abstract_params(model_config, batch_size=1):
+  """The parameter tree as ShapeDtypeStructs."""
+  return abstract_variables(model_config, batch_size)['params']
 
 
 def count_by_component(params):
@@ -84,8 +91,12 @@ def compile_forward(model_config, batch_size=1, shapes=None):
   """The jitted inference forward pass (params, image, ids, mask) -> logits, compiled.
   shapes: abstract_params(model_config) if already at hand."""
   model = eavl.build_model(model_config)
-  forward = jax.jit(lambda params, *inputs: model.apply({'params': params}, *inputs,
-                                                        train=False)['logits'])
+  # BatchNorm's running averages (model.head_norm='batch') as at initialisation: mean 0, var 1.
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, x: (jnp.ones if path[-1].key == 'var' else jnp.zeros)(x.shape, x.dtype),
+      abstract_variables(model_config)['batch_stats'])
+  forward = jax.jit(lambda params, *inputs: model.apply(
+      {'params': params, 'batch_stats': stats}, *inputs, train=False)['logits'])
   inputs = eavl.dummy_inputs(model_config, batch_size)
   params = abstract_params(model_config) if shapes is None else shapes
   return forward.lower(params, *inputs).compile()

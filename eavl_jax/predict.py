@@ -5,8 +5,10 @@
 
 OUT.png: the image at its own size with the predicted mask (logits upsampled bilinearly to the
 original size, logit > 0; as in evaluation) in red. --per_query also writes OUT_queries.png: a grid
-of the N_q per-query masks mask_n (eq. 12, sigmoid shown as intensity) with their estimator
-scores S_qn (eq. 13), as in the paper's fig. 4.
+of the N_q per-query masks mask_n (eq. 12) with their estimator scores S_qn (eq. 13), as in the
+paper's fig. 4: each panel shows the image in dimmed grey, sigmoid(mask_n) blended in a saturated
+colour of QUERY_RGB (one per query, cycling) and the outline of sigmoid > 0.5 in white, so any
+mask stands out on any image.
 """
 import io
 import math
@@ -29,6 +31,12 @@ PANEL_SIZE = 192     # long side of a per-query panel, pixels
 CAPTION_HEIGHT = 14  # caption strip under each panel
 MASK_RGB = np.array([255, 0, 0], np.float32)
 ALPHA = 0.5
+# Query panels: query n in colour n (cycling): magenta, cyan, yellow, green, orange, azure.
+QUERY_RGB = np.array([[255, 0, 255], [0, 255, 255], [255, 255, 0], [0, 255, 0], [255, 128, 0],
+                      [0, 128, 255]], np.float32)
+QUERY_ALPHA = 0.6
+GREY_RANGE = (32, 160)   # the panels' grey image: luminance 0..255 mapped onto this range
+OUTLINE_RGB = np.array([255, 255, 255], np.float32)
 
 
 def define_flags():
@@ -70,15 +78,15 @@ def tokenize(config, text):
           np.asarray(tokens['attention_mask'], np.int32)[None])
 
 
-def predict(config, params, image_path, text):
+def predict(config, variables, image_path, text):
   """-> dict: 'rgb' (H, W, 3) uint8, 'logits' (H, W) float32 at the original size, 'mask' (H, W)
   bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
   from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   image, rgb = load_image(image_path, config.model.image_size)
   input_ids, attention_mask = tokenize(config, text)
   model = eavl.build_model(config.model)
-  out = jax.jit(lambda p, *x: model.apply({'params': p}, *x, train=False))(
-      params, image, input_ids, attention_mask)
+  out = jax.jit(lambda v, *x: model.apply(v, *x, train=False))(
+      variables, image, input_ids, attention_mask)
   h, w = rgb.shape[:2]
   logits = np.asarray(losses.upsample_logits(out['logits'][0], h, w))   # (H, W)
   return {'rgb': rgb, 'logits': logits, 'mask': logits > 0,
@@ -91,9 +99,35 @@ def overlay(rgb, weight):
   return (rgb * (1 - a) + MASK_RGB * a).round().astype(np.uint8)
 
 
+def dimmed_grey(rgb):
+  """(H, W, 3) uint8 -> (H, W, 3) float32 with R = G = B: the luminance (ITU-R BT.601) mapped
+  linearly onto GREY_RANGE, so that saturated colours and white stand out on it."""
+  y = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)      # (H, W)
+  lo, hi = GREY_RANGE
+  return np.repeat((lo + y * ((hi - lo) / 255))[..., None], 3, axis=-1)
+
+
+def outline(mask):
+  """(H, W) bool -> (H, W) bool: the mask's pixels with a 4-neighbour outside it (1 pixel thick;
+  the image border is not an edge)."""
+  p = np.pad(mask, 1, mode='edge')
+  inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+  return mask & ~inner
+
+
+def query_overlay(rgb, prob, colour):
+  """rgb (H, W, 3) uint8, prob (H, W) in [0, 1], colour (3,) -> (H, W, 3) uint8: the image in
+  dimmed grey, `colour` blended in by QUERY_ALPHA * prob, the outline of prob > 0.5 in white."""
+  a = QUERY_ALPHA * np.asarray(prob, np.float32)[..., None]
+  out = dimmed_grey(rgb) * (1 - a) + colour * a
+  out[outline(prob > 0.5)] = OUTLINE_RGB
+  return out.round().astype(np.uint8)
+
+
 def query_panels(rgb, query_logits, scores):
-  """One panel per query: the image (long side PANEL_SIZE) with sigmoid(mask_n) over it and a
-  caption 'q<n>  S=<score>'. -> list of N_q (ph + CAPTION_HEIGHT, pw, 3) uint8 arrays."""
+  """One panel per query: the image (long side PANEL_SIZE) with sigmoid(mask_n) over it
+  (query_overlay in QUERY_RGB's colour n, cycling) and a caption 'q<n>  S=<score>'.
+  -> list of N_q (ph + CAPTION_HEIGHT, pw, 3) uint8 arrays."""
   h, w = rgb.shape[:2]
   scale = PANEL_SIZE / max(h, w)
   ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -102,7 +136,7 @@ def query_panels(rgb, query_logits, scores):
   panels = []
   for n, (p, s) in enumerate(zip(probs, scores)):
     canvas = Image.new('RGB', (pw, ph + CAPTION_HEIGHT), 'white')
-    canvas.paste(Image.fromarray(overlay(small, p)), (0, 0))
+    canvas.paste(Image.fromarray(query_overlay(small, p, QUERY_RGB[n % len(QUERY_RGB)])), (0, 0))
     ImageDraw.Draw(canvas).text((2, ph + 1), f'q{n}  S={s:.3f}', fill='black')
     panels.append(np.asarray(canvas))
   return panels
@@ -149,8 +183,8 @@ def run(config, workdir, image_path, text, out_path, *, per_query=False, checkpo
   load_image(image_path, config.model.image_size)  # bad inputs fail before the restore
   tokenize(config, text)
   check_out_path(out_path)
-  params, step = evaluate.restore_params(config, workdir, checkpoint, best)
-  result = predict(config, params, image_path, text)
+  variables, step = evaluate.restore_variables(config, workdir, checkpoint, best)
+  result = predict(config, variables, image_path, text)
   result['step'] = step
   return result, write_outputs(result, out_path, per_query)
 

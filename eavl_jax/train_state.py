@@ -15,6 +15,11 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array        # (2,) uint32 base key; step s uses fold_in(rng, s)
+  batch_stats: Any = None  # BatchNorm running averages (model.head_norm='batch'); {} without
+
+  def variables(self):
+    """The model's variables for `model.apply`: parameters and BatchNorm statistics."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 def state_shardings(abstract_state, mesh, param_sharding):
@@ -24,7 +29,8 @@ def state_shardings(abstract_state, mesh, param_sharding):
       step=replicated,
       params=sharding_lib.tree_shardings(abstract_state.params, mesh, param_sharding),
       opt_state=sharding_lib.tree_shardings(abstract_state.opt_state, mesh, param_sharding),
-      rng=replicated)
+      rng=replicated,
+      batch_stats=jax.tree.map(lambda _: replicated, abstract_state.batch_stats))
 
 
 def make_init_fn(model, model_config, tx):
@@ -32,9 +38,10 @@ def make_init_fn(model, model_config, tx):
 
   def init(rng):
     params_rng, train_rng = jax.random.split(rng)
-    params = model.init(params_rng, *inputs, train=False)['params']
+    variables = model.init(params_rng, *inputs, train=False)
+    params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=train_rng)
+                      rng=train_rng, batch_stats=variables.get('batch_stats', {}))
   return init
 
 

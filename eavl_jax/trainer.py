@@ -54,23 +54,28 @@ def make_train_step(model, tx, schedule, config, frozen, mesh=None):
   refs_per_image = config.data.refs_per_image
   gather = mesh is not None and config.mesh.param_sharding == 'fsdp'
 
-  def loss_of(params, batch, rng):
+  def loss_of(params, batch_stats, batch, rng):
     if gather:
       params = jax.lax.with_sharding_constraint(params, sharding_lib.replicated(mesh))
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    out = model.apply({'params': params}, batch['image'], batch['input_ids'],
-                      batch['attention_mask'], train=True, refs_per_image=refs_per_image,
-                      rngs={'dropout': rng})
-    return losses.loss_fn(out['logits'], batch['mask'], config.loss)
+    # BatchNorm (model.head_norm='batch'): statistics of this global batch, running averages out.
+    out, updated = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                               batch['input_ids'], batch['attention_mask'], train=True,
+                               refs_per_image=refs_per_image, rngs={'dropout': rng},
+                               mutable=['batch_stats'])
+    loss = losses.loss_fn(out['logits'], batch['mask'], config.loss)
+    return loss, updated.get('batch_stats', {})
 
   def train_step(state, batch, rng):
-    loss, grads = jax.value_and_grad(loss_of)(state.params, batch, rng)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state.params, state.batch_stats, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step // accum), 'params_finite': params_finite}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats)
     return new_state, metrics
   return train_step
 
@@ -83,10 +88,10 @@ def jit_train_step(train_step, state_shardings, mesh):
 
 
 def make_predict_fn(model):
-  """-> jitted predict(params, batch) -> logits (B, S/4, S/4)."""
-  return jax.jit(lambda params, batch: model.apply(
-      {'params': params}, batch['image'], batch['input_ids'], batch['attention_mask'],
-      train=False)['logits'])
+  """-> jitted predict(variables, batch) -> {'logits' (B, S/4, S/4), 'masks' (B, N_q, S/4, S/4),
+  'scores' (B, N_q)}, the model's output; variables: TrainState.variables()."""
+  return jax.jit(lambda variables, batch: dict(model.apply(
+      variables, batch['image'], batch['input_ids'], batch['attention_mask'], train=False)))
 
 
 # ------------------------------------------------------------------ sizes
@@ -124,7 +129,13 @@ def check_batch_split(name, batch_size, mesh, axes):
 
 
 def prepare_data(config, workdir):
-  """Synthetic data set with no data_dir: generate and build it under <workdir>/data once."""
+  """Synthetic data set with no data_dir: generate and build it under <workdir>/data once (and
+  pretrain the vision encoder on it with pretrain.vision_steps > 0)."""
+  if config.pretrain.vision_steps > 0 and (config.data.dataset != 'synthetic'
+                                           or config.data.data_dir):
+    raise ValueError(f'pretrain.vision_steps={config.pretrain.vision_steps} pretrains on the '
+                     'synthetic data this command generates: it needs data.dataset=\'synthetic\' '
+                     'and data.data_dir=\'\' (set it to 0 otherwise)')
   if config.data.dataset != 'synthetic' or config.data.data_dir:
     return config
   from data_prep import build  # pylint: disable=g-import-not-at-top
@@ -154,7 +165,34 @@ def prepare_data(config, workdir):
                      'to generate it again')
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.data_dir = data_dir
+  if config.pretrain.vision_steps > 0:
+    config.model.vision_encoder.pretrained = prepare_pretrained_vision(config, root)
   return config
+
+
+def prepare_pretrained_vision(config, root):
+  """config.pretrain.vision_steps > 0: the Swin pretrained on the synthetic train images under
+  <root>/pretrained_vision (made once per pretraining config) -> that folder."""
+  from eavl_jax import synthetic_pretrain  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(root, 'pretrained_vision')
+  done = os.path.join(folder, 'DONE')
+  wanted = {'pretrain': config.pretrain.to_dict(), 'seed': config.seed,
+            'vision_encoder': {k: v for k, v in config.model.vision_encoder.to_dict().items()
+                               if k != 'pretrained'}, 'image_size': config.model.image_size}
+  wanted = json.loads(json.dumps(wanted))     # tuples as lists, as read back
+  if jax.process_index() == 0 and not os.path.exists(done):
+    loss = synthetic_pretrain.pretrain(config, os.path.join(root, 'raw'), folder)
+    with open(done, 'w') as f:
+      json.dump({**wanted, 'final_loss': loss}, f)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('vision encoder pretrained')
+  with open(done) as f:
+    made = json.load(f)
+  made.pop('final_loss', None)
+  if made != wanted:
+    raise ValueError(f'{folder} holds a vision encoder pretrained with {made}; this config asks '
+                     f'for {wanted}: use another --workdir, or delete that folder')
+  return folder
 
 
 # ------------------------------------------------------------------ evaluation
@@ -181,8 +219,9 @@ def overlay(images, logits, masks_orig, sizes):
   return np.stack(out)
 
 
-def evaluate(config, predict, params, mesh, split, num_images=0):
-  """-> (metrics dict from metrics.summarize, prediction overlays (N, S, 2S, 3) or None)."""
+def evaluate(config, predict, variables, mesh, split, num_images=0):
+  """-> (metrics dict of metrics.evaluate_loader: METRIC_KEYS, DIVERSITY_KEYS with a
+  make_predict_fn predict, 'samples'; prediction overlays (N, S, 2S, 3) or None)."""
   pc = jax.process_count()
   local_batch = config.train.eval_batch_size // pc
   loader = input_pipeline.make_eval_loader(config, split, shard_index=jax.process_index(),
@@ -194,19 +233,22 @@ def evaluate(config, predict, params, mesh, split, num_images=0):
                  out_shardings=sharding_lib.replicated(mesh))
 
   def predict_fn(batch):
-    logits = predict(params, batch)
+    out = predict(variables, batch)
     if num_images and not first:
+      logits = out['logits'] if isinstance(out, dict) else out
       first['arrays'] = take(batch['image'], logits, batch['mask_orig'], batch['orig_size'])
-    return logits
+    return out
   result = metrics_lib.evaluate_loader(predict_fn, loader, mesh=mesh, num_batches=num_batches)
   images = overlay(*[np.asarray(x) for x in first['arrays']]) if first else None
   return result, images
 
 
 def format_table(split, step, result):
-  keys = metrics_lib.METRIC_KEYS
-  head = ' '.join(f'{k:>7}' for k in keys)
-  row = ' '.join(f'{100 * result[k]:7.2f}' for k in keys)
+  """METRIC_KEYS' columns, then qIoU (query_mask_iou) and S-ent (score_entropy); '-': absent."""
+  keys = metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS
+  names = metrics_lib.METRIC_KEYS + ('qIoU', 'S-ent')
+  head = ' '.join(f'{k:>7}' for k in names)
+  row = ' '.join(f'{100 * result[k]:7.2f}' if k in result else f'{"-":>7}' for k in keys)
   return (f'validation on {split} ({result["samples"]} expressions, step {step}), in %:\n'
           f'{head}\n{row}')
 
@@ -382,11 +424,12 @@ def train_and_evaluate(config, workdir):
         _flush(pending, writer, bar)
       eval_metrics = None
       if evaluate_now:
-        result, images = evaluate(config, predict, state.params, mesh, config.data.val_split,
+        result, images = evaluate(config, predict, state.variables(), mesh, config.data.val_split,
                                   tr.num_eval_images)
         last_eval = step
         eval_metrics = {checkpointing.BEST_METRIC: result[checkpointing.BEST_METRIC]}
-        writer.scalars(step, {f'val/{k}': result[k] for k in metrics_lib.METRIC_KEYS})
+        writer.scalars(step, {f'val/{k}': result[k] for k in
+                              metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS if k in result})
         writer.images(step, 'val/predictions', images)
         bar.write(format_table(config.data.val_split, step, result))
       if save_now:
@@ -404,7 +447,7 @@ def train_and_evaluate(config, workdir):
     _flush(pending, writer, bar)
     bar.close()
     if evaluating and last_eval is None:   # resumed at the end: evaluate what is there
-      result, _ = evaluate(config, predict, state.params, mesh, config.data.val_split)
+      result, _ = evaluate(config, predict, state.variables(), mesh, config.data.val_split)
       last_eval = start
     manager.wait_until_finished()
   finally:

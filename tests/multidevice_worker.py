@@ -7,7 +7,7 @@ XLA_FLAGS (the fake CPU device count) must be set before jax is imported.
 Every run starts from the same initial state (seeded) and trains NUM_STEPS steps on the same
 seeded global batches with plain SGD at learning rate 1, so that the new parameters are the old minus
 the gradient and comparing them compares the reduced gradients (Adam would turn the rounding noise of
-gradients that are mathematically zero, such as attention key biases, into full +-lr steps); it writes the losses, gradient norms and final parameters (flattened) to
+gradients that are mathematically zero, such as attention key biases, into full +-lr steps); it writes the losses, gradient norms, final parameters and BatchNorm statistics (flattened) to
 OUT.npz (process 0), plus, for `meshes`, the all-reduce / reduce-scatter sizes of the compiled
 steps.
 """
@@ -38,6 +38,7 @@ LAYOUTS = (('one_device', 1, 1, 'replicate'), ('data8', 8, 1, 'replicate'),
 
 def make_config(data=-1, fsdp=1, param_sharding='replicate'):
   c = tiny.get_config()
+  c.model.head_norm = 'batch'   # its statistics must be those of the global batch on any mesh
   c.train.global_batch_size = GLOBAL_BATCH
   c.mesh.data, c.mesh.fsdp, c.mesh.param_sharding = data, fsdp, param_sharding
   return c
@@ -93,9 +94,10 @@ def run(config, mesh, local_rows):
     state, metrics = compiled(state, g, rng)
     losses.append(float(metrics['loss']))
     norms.append(float(metrics['grad_norm']))
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  variables = multihost_utils.process_allgather(
+      {'params': state.params, 'batch_stats': state.batch_stats}, tiled=True)
   flat = {optim.path_name(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+          for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
   return np.asarray(losses), np.asarray(norms), flat, compiled.as_text()
 
 
@@ -109,7 +111,7 @@ def main(argv):
       mesh = sharding_lib.make_mesh(config.mesh, devices[:data * fsdp])
       losses, norms, flat, hlo = run(config, mesh, slice(None))
       results[f'{name}/losses'], results[f'{name}/grad_norms'] = losses, norms
-      results.update({f'{name}/params/{k}': v for k, v in flat.items()})
+      results.update({f'{name}/{k}': v for k, v in flat.items()})   # params/..., batch_stats/...
       for op, sizes in collective_sizes(hlo).items():
         results[f'{name}/{op}'] = np.asarray(sizes, np.int64)
   elif mode == 'multiprocess':
@@ -123,7 +125,7 @@ def main(argv):
     losses, norms, flat, _ = run(config, mesh, slice(me * rows, (me + 1) * rows))
     results = {'losses': losses, 'grad_norms': norms, 'process_count': jax.process_count(),
                'device_count': jax.device_count(),
-               **{f'params/{k}': v for k, v in flat.items()}}
+               **flat}
   else:
     raise ValueError(f'unknown mode {mode!r}')
   if jax.process_index() == 0:

@@ -79,14 +79,18 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
   counts = sentence_counts(synthetic_raw)
   for split, result in saved['splits'].items():
     assert result['samples'] == counts[split] > 0
-    assert set(result) == set(metrics.METRIC_KEYS) | {'samples'}
+    assert set(result) == set(metrics.METRIC_KEYS) | set(metrics.DIVERSITY_KEYS) | {'samples'}
     precisions = [result[f'Pr@0.{k}'] for k in range(5, 10)]
     assert all(0.0 <= v <= 1.0 for v in precisions + [result['oIoU'], result['mIoU']])
+    assert all(0.0 <= result[k] <= 1.0 for k in metrics.DIVERSITY_KEYS)
     assert precisions == sorted(precisions, reverse=True)
     table_ii_row = next(line for line in proc.stdout.splitlines()
                         if line.startswith(f'{split} '))
     assert table_ii_row.split()[1:4] == [str(counts[split]), f'{100 * result["mIoU"]:.2f}',
                                          f'{100 * result["Pr@0.5"]:.2f}']
+    diversity_row = [line for line in proc.stdout.splitlines() if line.startswith(f'{split} ')][1]
+    assert diversity_row.split()[1:] == [str(counts[split])] + [
+        f'{100 * result[k]:.2f}' for k in metrics.DIVERSITY_KEYS]
 
 
 def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw):
@@ -119,21 +123,21 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
                            '--config.model.num_queries=2')
 
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    evaluate.restore_params(config, str(tmp_path))
+    evaluate.restore_variables(config, str(tmp_path))
   other = tiny_trained.config()
   other.model.num_queries = 2
   with pytest.raises(ValueError, match='another config'):
-    evaluate.restore_params(other, workdir)
+    evaluate.restore_variables(other, workdir)
   with pytest.raises(ValueError, match='step 7'):
-    evaluate.restore_params(config, workdir, checkpoint='7')
+    evaluate.restore_variables(config, workdir, checkpoint='7')
   with pytest.raises(ValueError, match='checkpoints/<step>'):
-    evaluate.restore_params(config, workdir, checkpoint=str(tmp_path))
+    evaluate.restore_variables(config, workdir, checkpoint=str(tmp_path))
   with pytest.raises(FileNotFoundError, match='no such checkpoint folder'):
-    evaluate.restore_params(config, workdir, checkpoint=os.path.join(workdir, 'checkpoints', '9'))
+    evaluate.restore_variables(config, workdir, checkpoint=os.path.join(workdir, 'checkpoints', '9'))
   with pytest.raises(ValueError, match='either'):
-    evaluate.restore_params(config, workdir, checkpoint='2', best=True)
+    evaluate.restore_variables(config, workdir, checkpoint='2', best=True)
   with pytest.raises(ValueError, match='validation mIoU'):  # trained without validation
-    evaluate.restore_params(config, workdir, best=True)
+    evaluate.restore_variables(config, workdir, best=True)
   with pytest.raises(ValueError, match='no split'):
     evaluate.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
 

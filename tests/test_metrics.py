@@ -155,6 +155,55 @@ def test_evaluate_loader_counts_valid_samples_only():
     metrics.evaluate_loader(background, ListLoader(batches), mesh=mesh, num_batches=1)
 
 
+def test_query_mask_iou_on_hand_made_masks():
+  on = lambda *rows: np.where(np.array(rows, bool), 3.0, -3.0)   # binary mask -> logits (h, w)
+  a, b, c = on([1, 1, 0], [0, 0, 0]), on([1, 0, 0], [0, 0, 0]), on([0, 1, 1], [0, 0, 0])
+  empty = on([0, 0, 0], [0, 0, 0])
+  masks = np.stack([[a, a, a],              # identical: 1
+                    [a, on([0, 0, 1], [1, 1, 1]), empty],   # disjoint, empty vs. not: 0
+                    [a, b, c],              # IoUs 1/2 (a, b), 1/3 (a, c), 0 (b, c)
+                    [empty, empty, empty]])  # two empty masks are identical: 1
+  got = np.asarray(jax.jit(metrics.query_mask_iou)(masks))
+  np.testing.assert_allclose(got, [1.0, 0.0, (1 / 2 + 1 / 3 + 0) / 3, 1.0], atol=1e-6)
+  assert got.shape == (4,) and got.dtype == np.float32
+  np.testing.assert_array_equal(metrics.query_mask_iou(masks[:, :1]), [1.0] * 4)  # N_q = 1: 1
+
+
+def test_score_entropy_uniform_one_and_one_hot_zero():
+  scores = np.array([[0.25] * 4, [0, 1, 0, 0], [0.5, 0.5, 0, 0], [0.7, 0.1, 0.1, 0.1]],
+                    np.float32)
+  ref = -(0.7 * np.log(0.7) + 3 * 0.1 * np.log(0.1)) / np.log(4)
+  got = np.asarray(jax.jit(metrics.score_entropy)(scores))
+  np.testing.assert_allclose(got, [1.0, 0.0, 0.5, ref], atol=1e-6)
+  np.testing.assert_array_equal(metrics.score_entropy(np.ones((3, 1))), [1.0] * 3)  # N_q = 1
+
+
+def test_evaluate_loader_diversity_counts_valid_samples_only():
+  rng = np.random.default_rng(4)
+  mesh = sharding.make_mesh(base.get_config().mesh)
+  batches = [make_batch(rng, 4, [True] * 4), make_batch(rng, 4, [True, True, False, False])]
+  left = np.zeros((8, 8), np.float32)
+  left[:, :4] = 1
+  same, apart = np.stack([left, left]) - 0.5, np.stack([left, 1 - left]) - 0.5  # (2, 8, 8)
+  uniform, one_hot = np.array([0.5, 0.5], np.float32), np.array([1, 0], np.float32)
+  # Valid: IoUs 1, 0, 1, 0 | 0, 0 and entropies 1, 1, 1, 1 | 0, 0; the padding has 1 and 1.
+  masks = [np.stack([same, apart, same, apart]), np.stack([apart, apart, same, same])]
+  scores = [np.stack([uniform] * 4), np.stack([one_hot, one_hot, uniform, uniform])]
+  logits = -np.ones((4, 8, 8), np.float32)
+  for num_batches in (None, 3):   # 3: a whole padding batch (IoU 1, entropy 1) comes on top
+    queue = [{'logits': logits, 'masks': m, 'scores': s} for m, s in zip(masks, scores)]
+    queue.append({'logits': logits, 'masks': masks[1][2:].repeat(2, 0),
+                  'scores': scores[1][2:].repeat(2, 0)})
+    got = metrics.evaluate_loader(lambda g: queue.pop(0), ListLoader(batches), mesh=mesh,
+                                  num_batches=num_batches)
+    assert got['samples'] == 6 and got['oIoU'] == 0.0
+    assert got['query_mask_iou'] == pytest.approx(2 / 6)
+    assert got['score_entropy'] == pytest.approx(4 / 6)
+  # A predict_fn returning bare logits: the same metrics, no diversity figures.
+  got = metrics.evaluate_loader(lambda g: logits, ListLoader(batches), mesh=mesh)
+  assert got.keys() == set(metrics.METRIC_KEYS) | {'samples'}
+
+
 def test_num_eval_batches():
   assert metrics.num_eval_batches(10, 1, 4) == 3
   assert metrics.num_eval_batches(10, 3, 2) == 2  # shards of at most 4 examples

@@ -191,6 +191,12 @@ ABLATIONS = {
     'no global text': {'neck.use_global_text': False},
     'no global vision': {'query_generator.use_global_vision': False},
     'relu kernels': {'aligner.kernel_activation': 'relu'},
+    'relu mask features': {'aligner.feature_activation': 'relu'},
+    'scaled word attention': {'query_generator.scale_word_attention': True},
+    'batch norm head': {'head_norm': 'batch'},
+    'layer norm head': {'head_norm': 'layer'},
+    'gates open at init': {'gates_open_at_init': True},
+    'gates open at init, batch norm': {'gates_open_at_init': True, 'head_norm': 'batch'},
 }
 
 
@@ -199,11 +205,13 @@ def test_every_parameter_of_the_setting_gets_a_gradient(setting):
   config = tiny(**ABLATIONS[setting])
   model = eavl.build_model(config.model)
   image, ids, mask, gt = random_batch(config.model, 2, seed=3)
-  params = init(model, (image, ids, mask), seed=1)
+  variables = jax.jit(lambda key: model.init(key, image, ids, mask))(jax.random.key(1))
+  params, stats = variables['params'], variables.get('batch_stats', {})
 
-  def loss(p):
-    logits = model.apply({'params': p}, image, ids, mask)['logits']
-    return losses.loss_fn(logits, gt, config.loss)
+  def loss(p):   # a train step's forward: BatchNorm on the batch's statistics
+    out, _ = model.apply({'params': p, 'batch_stats': stats}, image, ids, mask, train=True,
+                         mutable=['batch_stats'])
+    return losses.loss_fn(out['logits'], gt, config.loss)
 
   grads = jax.grad(loss)(params)   # eager: its ops are compiled once for all the settings
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]

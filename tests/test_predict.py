@@ -99,6 +99,30 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
     np.testing.assert_array_equal(np.asarray(Image.open(theirs)), np.asarray(Image.open(ours)))
 
 
+def test_query_panels_colour_the_mask_over_grey():
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, IMAGE_HW + (3,), dtype=np.uint8)
+  query_logits = np.full((2, 8, 8), -30.0, np.float32)
+  query_logits[0, :, :4] = 30.0   # query 0: the left half; query 1: nothing
+  panels = predict.query_panels(rgb, query_logits, np.array([0.9, 0.1], np.float32))
+  ph = panels[0].shape[0] - predict.CAPTION_HEIGHT
+  image = panels[0][:ph].astype(int)                                 # (ph, pw, 3)
+  pw = image.shape[1]
+  inside, outside = image[:, :pw // 2 - 20], image[:, pw // 2 + 20:]
+  colour = predict.QUERY_RGB[0]                                      # magenta: R, B over G
+  assert colour.tolist() == [255, 0, 255]
+  assert (inside[..., 0] - inside[..., 1] > 100).all() and (inside[..., 0] == inside[..., 2]).all()
+  for grey in (outside, panels[1][:ph].astype(int)):               # R = G = B, dimmed
+    assert (grey == grey[..., :1]).all()
+    lo, hi = predict.GREY_RANGE
+    assert lo <= grey.min() and grey.max() <= hi
+  # The outline of sigmoid > 0.5: one white pixel per row, where the mask ends; not the border.
+  white = (image == 255).all(-1)
+  rows, cols = np.nonzero(white)
+  np.testing.assert_array_equal(rows, np.arange(ph))
+  assert len(set(cols)) == 1 and abs(cols[0] - pw // 2) <= 1
+
+
 def test_clear_errors(tiny_trained, image_path, tmp_path):
   config, workdir = tiny_trained.config(), tiny_trained.workdir
   not_image = tmp_path / 'notes.jpg'

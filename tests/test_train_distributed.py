@@ -47,6 +47,13 @@ def _assert_same_run(got, want, got_prefix, want_prefix):
   got_params = _params(got, got_prefix + 'params/')
   want_params = _params(want, want_prefix + 'params/')
   assert sorted(got_params) == sorted(want_params) and want_params
+  # The head's BatchNorm (tiny config with head_norm='batch'): the running averages are those of
+  # the global batch, whatever the mesh or the number of processes.
+  got_stats = _params(got, got_prefix + 'batch_stats/')
+  want_stats = _params(want, want_prefix + 'batch_stats/')
+  assert sorted(got_stats) == sorted(want_stats) and want_stats
+  for name, value in want_stats.items():
+    np.testing.assert_allclose(got_stats[name], value, atol=TOL, rtol=1e-4, err_msg=name)
   for name, value in want_params.items():
     # Sharding changes the order of the float32 sums (per-device partial gradients, then the
     # all-reduce), and two SGD steps at lr 1 carry that rounding into the parameters: compare
@@ -70,12 +77,18 @@ def _num_params(results):
 
 def test_data_parallel_step_all_reduces_gradients_once(meshes):
   """One all-reduce per step carries every gradient (not a reduction per parameter or per
-  accumulation), and nothing else is communicated."""
+  accumulation); besides it, only the head's BatchNorm statistics are communicated."""
   sizes = meshes['data8/all-reduce']
-  assert len(sizes) == 1, sizes
+  gradients = [s for s in sizes if s > 0.5 * _num_params(meshes)]
+  assert len(gradients) == 1, sizes
   # Every trained parameter's gradient, plus at most the loss scalars; BERT's pooler is unused by
   # EAVL, so its gradient is known to be zero and is not reduced.
-  assert 0.99 * _num_params(meshes) <= sizes[0] <= _num_params(meshes) + 16
+  assert 0.99 * _num_params(meshes) <= gradients[0] <= _num_params(meshes) + 16
+  # BatchNorm over the global batch: per norm, its sums in the forward pass (mean, variance, the
+  # count of words) and in the backward pass, each at most the statistics' own size.
+  statistics = sum(v.size for v in _params(meshes, 'one_device/batch_stats/').values())
+  others = [s for s in sizes if s <= 0.5 * _num_params(meshes)]
+  assert others and sum(others) <= 2 * statistics + 16 * len(others), (others, statistics)
   assert len(meshes['data8/reduce-scatter']) == 0 and len(meshes['data8/all-gather']) == 0
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from eavl_jax.models import dynamic_conv
 from eavl_jax.models import layers
 
-KERNEL_ACTIVATIONS = {'none': lambda x: x, 'relu': nn.relu}
+ACTIVATIONS = {'none': lambda x: x, 'relu': nn.relu}
 
 
 class Aligner(nn.Module):
@@ -17,7 +17,8 @@ class Aligner(nn.Module):
   mode: str = 'aligner'
   use_estimator: bool = True
   estimator_heads: int = 8
-  kernel_activation: str = 'none'
+  kernel_activation: str = 'none'   # σ on F_pn (eq. 11)
+  feature_activation: str = 'none'  # on F_p after its conv: eq. 11 has none
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
 
@@ -26,7 +27,8 @@ class Aligner(nn.Module):
     """f_s (B,H3,W3,C), f_q (B,N_q,C) -> dict(logits (B,4H3,4W3), masks (B,N,4H3,4W3), scores (B,N))."""
     c_p = self.hidden_dim // 2
     f_p = layers.upsample2x(f_s)
-    f_p = nn.relu(nn.Conv(c_p, (3, 3), padding='SAME', dtype=self.dtype, name='mask_conv')(f_p))
+    f_p = nn.Conv(c_p, (3, 3), padding='SAME', dtype=self.dtype, name='mask_conv')(f_p)
+    f_p = ACTIVATIONS[self.feature_activation](f_p)
     f_p = layers.upsample2x(f_p)                                    # eq. 11: F_p (B, 4H3, 4W3, C_p)
     b = f_p.shape[0]
 
@@ -37,7 +39,7 @@ class Aligner(nn.Module):
       return dict(logits=masks[:, 0], masks=masks, scores=scores)
 
     n_q = f_q.shape[1]
-    sigma = KERNEL_ACTIVATIONS[self.kernel_activation]
+    sigma = ACTIVATIONS[self.kernel_activation]
     f_pn = layers.Dense(9 * c_p + 1, dtype=self.dtype, name='kernel_generator')(f_q)
     f_pn = sigma(f_pn)                                              # eq. 11
     kernels = f_pn[..., :9 * c_p].reshape(b, n_q, 3, 3, c_p)      # W_qn (B, N_q, 3, 3, C_p)

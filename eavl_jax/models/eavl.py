@@ -39,9 +39,11 @@ def validate_config(m):
     fail('dtype', m.dtype, f'must be one of {sorted(DTYPES)}')
   if m.aligner.mode not in ('aligner', 'fixed'):
     fail('aligner.mode', m.aligner.mode, "must be 'aligner' or 'fixed'")
-  if m.aligner.kernel_activation not in aligner_lib.KERNEL_ACTIVATIONS:
-    fail('aligner.kernel_activation', m.aligner.kernel_activation,
-         f'must be one of {sorted(aligner_lib.KERNEL_ACTIVATIONS)}')
+  for field in ('kernel_activation', 'feature_activation'):
+    if m.aligner[field] not in aligner_lib.ACTIVATIONS:
+      fail(f'aligner.{field}', m.aligner[field], f'must be one of {sorted(aligner_lib.ACTIVATIONS)}')
+  if m.head_norm not in layers.HEAD_NORMS:
+    fail('head_norm', m.head_norm, f'must be one of {layers.HEAD_NORMS}')
   if m.aligner.conv_impl not in dynamic_conv.FORMS:
     fail('aligner.conv_impl', m.aligner.conv_impl, f'must be one of {dynamic_conv.FORMS}')
   v = m.vision_encoder
@@ -93,14 +95,16 @@ class EAVL(nn.Module):
     f_t = layers.Dense(c, dtype=dtype, name='text_proj')(hidden)        # F_t (B, L, C)
     cls = hidden[:, 0]                                              # [CLS] (B, H_bert)
 
-    f_inte = neck_lib.FusionNeck(c, m.neck.use_norm, dtype, name='neck')(
-        f_v2, f_v3, f_v4, cls if m.neck.use_global_text else None)  # eq. 2-5: (B, H3, W3, C)
-    b, h3, w3, _ = f_inte.shape
+    f_inte = neck_lib.FusionNeck(c, m.head_norm, dtype, m.gates_open_at_init, name='neck')(
+        f_v2, f_v3, f_v4, cls if m.neck.use_global_text else None, train=train)  # eq. 2-5
+    b, h3, w3, _ = f_inte.shape                                     # F_inte (B, H3, W3, C)
     f_vt = f_inte.reshape(b, h3 * w3, c)                            # F_vt (B, H3*W3, C)
 
+    g = m.query_generator
     f_q = query_generator_lib.QueryGenerator(
-        c, m.num_queries, m.query_generator.use_global_vision, m.neck.use_norm, dtype,
-        name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask)  # F_q (B, N_q, C)
+        c, m.num_queries, g.use_global_vision, g.scale_word_attention, m.head_norm,
+        m.gates_open_at_init, dtype, name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask, train=train)
+    # F_q (B, N_q, C)
 
     d = m.decoder
     f_s = decoder_lib.Decoder(d.num_layers, d.num_heads, d.mlp_dim, d.dropout, d.pre_norm, dtype,
@@ -108,7 +112,8 @@ class EAVL(nn.Module):
 
     a = m.aligner
     return aligner_lib.Aligner(c, a.mode, a.use_estimator, a.estimator_heads, a.kernel_activation,
-                               a.conv_impl, dtype, name='aligner')(f_s, f_q)  # eq. 11-14
+                               a.feature_activation, a.conv_impl, dtype,
+                               name='aligner')(f_s, f_q)            # eq. 11-14
 
   def _check_inputs(self, image, input_ids, attention_mask, refs_per_image):
     s = self.config.image_size

@@ -13,7 +13,7 @@ def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 
   A Dense on (B, H, W, C) contracts one axis of a 4D array; its weight gradient then contracts
   B, H and W together, which XLA:CPU runs several times slower than the same product on the
-  flattened (B*H*W, C) rows (benchmarks/README: docs/performance.md). When the contracted axes
+  flattened (B*H*W, C) rows (docs/performance.md). When the contracted axes
   are the trailing axes of `lhs` and the leading axes of `rhs` (every Dense / DenseGeneral
   projection), both are reshaped to 2D around the product; the result is identical.
   """
@@ -81,15 +81,56 @@ def sine_positions_2d(height, width, dim, temperature=10000.0):
   return pos.reshape(height * width, dim)
 
 
-class ProjectReLU(nn.Module):
-  """σ(X W) of eq. 2, 3, 6, 8-10: a Dense (1x1 conv) and a ReLU, with an optional LayerNorm."""
-  features: int
-  use_norm: bool = False
+HEAD_NORMS = ('none', 'layer', 'batch')
+
+
+class Norm(nn.Module):
+  """The head's normalisation (`model.head_norm`) before a ReLU: none, a per-sample LayerNorm, or
+  a per-channel BatchNorm.
+
+  BatchNorm's statistics are taken over every axis but the channels of the *global* batch: under
+  jit the batch axis is one logical array however it is sharded, so 1 and 8 devices compute the
+  same numbers. `mask` (broadcastable to x, 1 = counted) leaves padding words out of them. In
+  training the running averages (collection 'batch_stats', momentum 0.9 per step) are updated; in
+  evaluation they are used instead of the batch's. `open_at_init`: scale 0 and bias 1, so that the
+  output is 1 everywhere at initialisation.
+  """
+  kind: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  open_at_init: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    x = Dense(self.features, dtype=self.dtype)(x)
-    if self.use_norm:
-      x = nn.LayerNorm(dtype=self.dtype)(x)
+  def __call__(self, x, train=False, mask=None):
+    affine = {}
+    if self.open_at_init:
+      affine = dict(scale_init=nn.initializers.zeros, bias_init=nn.initializers.ones)
+    if self.kind == 'layer':
+      return nn.LayerNorm(dtype=self.dtype, **affine)(x)
+    if self.kind == 'batch':
+      if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape) > 0
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, use_fast_variance=False,
+                          dtype=self.dtype, **affine)(x, mask=mask)
+    return x
+
+
+class ProjectReLU(nn.Module):
+  """σ(X W) of eq. 2, 3, 6, 8-10: a Dense (1x1 conv), the head's norm (`Norm`) and a ReLU.
+
+  open_at_init (the gates of eq. 2 and 8, `model.gates_open_at_init`): the projection starts at 1
+  for every input (zero kernel and unit bias, or the norm's zero scale and unit bias), so the
+  gated product starts as the ungated features and the gate is learned from there.
+  """
+  features: int
+  norm: str = 'none'
+  dtype: jnp.dtype = jnp.float32
+  open_at_init: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False, mask=None):
+    init = {}
+    if self.open_at_init and self.norm == 'none':
+      init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.ones)
+    x = Dense(self.features, dtype=self.dtype, **init)(x)
+    x = Norm(self.norm, self.dtype, self.open_at_init and self.norm != 'none')(x, train, mask)
     return nn.relu(x)

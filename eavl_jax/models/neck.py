@@ -10,18 +10,21 @@ from eavl_jax.models import layers
 
 class FusionNeck(nn.Module):
   hidden_dim: int             # C
-  use_norm: bool = False
+  norm: str = 'none'          # the head's norm inside each σ(XW): layers.HEAD_NORMS
   dtype: jnp.dtype = jnp.float32
+  gate_open_at_init: bool = False  # σ(F_tg W_tg) of eq. 2 starts at 1 (layers.ProjectReLU)
 
   @nn.compact
-  def __call__(self, f_v2, f_v3, f_v4, f_tg=None):
+  def __call__(self, f_v2, f_v3, f_v4, f_tg=None, train=False):
     """f_v2 (B,H2,W2,C2), f_v3 (B,H3,W3,C3), f_v4 (B,H4,W4,C4), f_tg (B,C) or None -> (B,H3,W3,C)."""
     c, half = self.hidden_dim, self.hidden_dim // 2
-    proj = lambda feats, name: layers.ProjectReLU(feats, self.use_norm, self.dtype, name=name)
+    proj = lambda feats, name: (
+        lambda x: layers.ProjectReLU(feats, self.norm, self.dtype, name=name)(x, train))
 
     m4 = proj(c, 'v4')(f_v4)                                        # (B, H4, W4, C)
     if f_tg is not None:
-      tg = proj(c, 'tg')(layers.Dense(c, dtype=self.dtype, name='text_global_proj')(f_tg))
+      tg = layers.ProjectReLU(c, self.norm, self.dtype, self.gate_open_at_init, name='tg')(
+          layers.Dense(c, dtype=self.dtype, name='text_global_proj')(f_tg), train)
       m4 = m4 * tg[:, None, None, :]                                # eq. 2
     m4 = layers.upsample2x(m4)                                      # eq. 2 / eq. 6: (B, H3, W3, C)
 

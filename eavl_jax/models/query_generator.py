@@ -11,20 +11,25 @@ class QueryGenerator(nn.Module):
   hidden_dim: int             # C
   num_queries: int            # N_q
   use_global_vision: bool = True
-  use_norm: bool = False
+  scale_word_attention: bool = False  # eq. 9 divided by sqrt(C): a departure, off by default
+  norm: str = 'none'          # the head's norm inside each σ(XW) and conv: layers.HEAD_NORMS
+  gate_open_at_init: bool = False  # σ(F_vg W_vg) of eq. 8 starts at 1 (layers.ProjectReLU)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, f_v2, f_v3, f_v4, f_vg, f_t, text_mask):
+  def __call__(self, f_v2, f_v3, f_v4, f_vg, f_t, text_mask, train=False):
     """f_v* as in the neck, f_vg (B,C4), f_t (B,L,C), text_mask (B,L) 1 = word -> F_q (B,N_q,C)."""
     c = self.hidden_dim
-    proj = lambda feats, name: layers.ProjectReLU(feats, self.use_norm, self.dtype, name=name)
+    words = text_mask[..., None]                                    # (B, L, 1): norm statistics
+    proj = lambda feats, name, mask=None: (
+        lambda x: layers.ProjectReLU(feats, self.norm, self.dtype, name=name)(x, train, mask))
 
     # Dense vision features: the neck without F_tg (eq. 6), then three 3x3 convs to N_q maps (eq. 7).
-    dense = neck.FusionNeck(c, self.use_norm, self.dtype, name='dense_neck')(f_v2, f_v3, f_v4)
+    dense = neck.FusionNeck(c, self.norm, self.dtype, name='dense_neck')(
+        f_v2, f_v3, f_v4, train=train)
     for i, feats in enumerate((c, c)):
-      dense = nn.relu(nn.Conv(feats, (3, 3), padding='SAME', dtype=self.dtype,
-                              name=f'reduce_{i}')(dense))
+      dense = nn.Conv(feats, (3, 3), padding='SAME', dtype=self.dtype, name=f'reduce_{i}')(dense)
+      dense = nn.relu(layers.Norm(self.norm, self.dtype, name=f'reduce_norm_{i}')(dense, train))
     dense = nn.Conv(self.num_queries, (3, 3), padding='SAME', dtype=self.dtype,
                     name='reduce_2')(dense)                        # (B, H3, W3, N_q)
     b, h, w, _ = dense.shape
@@ -32,19 +37,22 @@ class QueryGenerator(nn.Module):
 
     # Fused language features (eq. 8).
     if self.use_global_vision:
-      f_tv = proj(c, 'text')(f_t) * proj(c, 'global_vision')(f_vg)[:, None, :]  # (B, L, C)
+      gate = layers.ProjectReLU(c, self.norm, self.dtype, self.gate_open_at_init,
+                                name='global_vision')(f_vg, train)       # σ(F_vg W_vg) (B, C)
+      f_tv = proj(c, 'text', words)(f_t) * gate[:, None, :]           # eq. 8: F_tv (B, L, C)
     else:
       f_tv = f_t  # table IV: "we directly use F_t in eq. 8"
 
     # Vision-guided word attention (eq. 9). W_vd maps the H3*W3 positions to C, so the model is
-    # built for one input size. The 1/sqrt(C) scale (the paper has none) keeps the softmax of two
-    # ReLU features from saturating at initialisation.
+    # built for one input size.
     q = proj(c, 'vd')(f_vd)                                         # σ(f_vdn W_vd): (B, N_q, C)
-    k = proj(c, 'a')(f_tv)                                          # σ(f_tvi W_a):  (B, L, C)
-    a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32) / jnp.sqrt(c)  # (B, N_q, L)
+    k = proj(c, 'a', words)(f_tv)                                   # σ(f_tvi W_a):  (B, L, C)
+    a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32)        # eq. 9: a_ni (B, N_q, L)
+    if self.scale_word_attention:
+      a = a / jnp.sqrt(c)
     a = jnp.where(text_mask[:, None, :] > 0, a, -1e9)               # padding words never attended
     a = jax.nn.softmax(a, axis=-1).astype(self.dtype)               # A (B, N_q, L)
     self.sow('intermediates', 'word_attention', a)                  # for diagnostics only
 
-    v = proj(c, 'tv')(f_tv)                                         # σ(F_tv W_tv): (B, L, C)
+    v = proj(c, 'tv', words)(f_tv)                                  # σ(F_tv W_tv): (B, L, C)
     return jnp.einsum('bnl,blc->bnc', a, v)                         # eq. 10: F_q (B, N_q, C)
