@@ -10,7 +10,7 @@ compares positions or sizes);
 the target's size ('small' / 'large') is the one the generator recorded. Prints n, mIoU, Pr@0.5,
 the mean IoU of the hits (IoU > 0.5), and `select`: how often the shape of the image that the
 predicted mask overlaps best (IoU) is the target, which tells a wrong choice of object from a
-poor mask of the right one. docs/synthetic.md holds a run.
+poor mask of the right one. docs/experiments.md holds runs.
 """
 import collections
 import contextlib

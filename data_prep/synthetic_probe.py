@@ -23,8 +23,8 @@ F_q does not is lost inside the query generator, and the head cannot use it.
 Then the live units of every ReLU projection σ(XW) of the neck and the multi-query generator
 (eq. 2-3, 6, 8-10): how many of its channels are positive at some position (padding words
 included) of the first val expressions. A channel that is zero everywhere gets no gradient again:
-the branch it belongs to has dropped out of the model (docs/synthetic.md: the neck's S/32 branch).
-docs/synthetic.md holds runs.
+the branch it belongs to has dropped out of the model (docs/experiments.md: the neck's S/32 branch).
+docs/experiments.md holds runs.
 """
 import json
 import os
