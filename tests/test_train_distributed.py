@@ -116,12 +116,17 @@ def _free_port():
 def test_two_processes_equal_one_process(meshes, tmp_path):
   address = f'localhost:{_free_port()}'
   outs = [str(tmp_path / f'p{i}.npz') for i in range(2)]
+  # stderr to files, not pipes: a pipe read only after the other process ends can fill up (64 KiB
+  # of XLA warnings on a loaded machine) and block its writer before the shutdown barrier.
+  logs = [open(tmp_path / f'p{i}.log', 'w+') for i in range(2)]
   procs = [subprocess.Popen([sys.executable, WORKER, 'multiprocess', outs[i], address, '2', str(i)],
-                            env=_env(4), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  errors = [p.communicate(timeout=900)[1] for p in procs]
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-3000:]
+                            env=_env(4), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs[i],
+                            text=True) for i in range(2)]
+  for p, log in zip(procs, logs):
+    p.wait(timeout=900)
+    log.seek(0)
+    assert p.returncode == 0, log.read()[-3000:]
+    log.close()
   two = _load(outs[0])
   assert int(two['process_count']) == 2 and int(two['device_count']) == 8
   _assert_same_run(two, meshes, '', 'data8/')
