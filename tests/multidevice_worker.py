@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+from jax._src import distributed  # pylint: disable=g-import-not-at-top
 from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
@@ -94,6 +95,11 @@ def run(config, mesh, local_rows, num_steps=NUM_STEPS):
     rng = jax.random.fold_in(state.rng, i)
     if compiled is None:
       compiled = step.lower(state, g, rng).compile()
+      if jax.process_count() > 1:
+        # The first cross-process collective sets up gloo, which waits 30 s for the other
+        # process; on a loaded machine one process can finish compiling later than that. A
+        # coordination-service barrier (no collective) lines them up first.
+        distributed.global_state.client.wait_at_barrier('train step compiled', 600_000)
     state, metrics = compiled(state, g, rng)
     losses.append(float(metrics['loss']))
     norms.append(float(metrics['grad_norm']))
