@@ -20,10 +20,10 @@ def get_config():
   m.remat = False             # nn.remat around Swin and BERT blocks
   # Norm between each Dense / conv of the neck and query generator and its ReLU: 'none' (the
   # paper names none) | 'layer' (per sample) | 'batch' (per channel over the global batch, running
-  # averages at evaluation, as CRIS's projections; docs/design.md).
+  # averages at evaluation, as CRIS's projections; measured in docs/synthetic.md).
   m.head_norm = 'none'
   # The global gates σ(F_tg W_tg) (eq. 2) and σ(F_vg W_vg) (eq. 8) start at 1 for every input
-  # (zero weights, unit bias): the gated features start as the ungated ones (docs/design.md).
+  # (zero weights, unit bias): the gated features start as the ungated ones (docs/synthetic.md).
   m.gates_open_at_init = False
 
   # Swin-B, window 12 (ImageNet-22k 384² release).
