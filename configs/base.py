@@ -1,4 +1,5 @@
-"""The paper's setting (§IV-A and ../shared/DESIGN.md); every config key is declared here, once.
+"""The paper's setting (§IV-A; docs/synthetic.md and docs/evaluation.md: choices the paper leaves
+open); every config key is declared here, once.
 
 The data-set files (refcoco.py, refcocop.py, ...) and tiny.py / synthetic.py only change values.
 Override any key on the command line: `--config.model.num_queries=8`.
@@ -114,11 +115,11 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 0.0
-  # False: on the S/4 logits against the ground truth resized to them (DESIGN.md, CRIS). True: on
+  # False: on the S/4 logits against the ground truth resized to them (as CRIS). True: on
   # the logits upsampled bilinearly to the input size, as evaluation upsamples them (LAVT).
   c.loss.at_input_size = False
   # How the ground truth is resized to the S/4 logits (at_input_size False): 'nearest' (the pixel
-  # at each cell's centre, DESIGN.md) | 'area' (each cell's foreground share: soft targets).
+  # at each cell's centre) | 'area' (each cell's foreground share: soft targets).
   c.loss.target_resize = 'nearest'
 
   # ---------------------------------------------------------------- optimisation

@@ -3,7 +3,7 @@
   python -m data_prep.synthetic_ceiling [--num_images=150] [--seed=0]
 
 EAVL's logits are a (S/4)² map, upsampled bilinearly to the image and thresholded at 0 for
-evaluation (DESIGN.md); the map itself is a 3x3 convolution over F_p = Up(Conv(Up(F_s))), so its
+evaluation (docs/evaluation.md); the map itself is a 3x3 convolution over F_p = Up(Conv(Up(F_s))), so its
 detail comes from the (S/8)² map of eq. 11. For shapes drawn by `data_prep.synthetic` this prints,
 per target size, the IoU that a *perfect* map of each resolution reaches after that upsampling:
 the map holding each cell's foreground share ('area', a 0.5 threshold), or the pixel at each

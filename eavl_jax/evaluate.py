@@ -5,7 +5,7 @@
 
 Default checkpoint: the latest of DIR/checkpoints; --best: the best validation mIoU; --checkpoint:
 a step of DIR, or a checkpoint folder `<other workdir>/checkpoints/<step>`. The metrics are those
-of ../shared/DESIGN.md (original image size, every sentence a sample; eavl_jax/metrics.py).
+of docs/evaluation.md (original image size, every sentence a sample; eavl_jax/metrics.py).
 Prints tables laid out like the paper's tables I and II (in %), then the query diversity of every
 split (metrics.DIVERSITY_KEYS: mean pairwise IoU of the query masks, normalised entropy of the
 estimator's scores), and writes the same numbers (fractions) to DIR/eval/<step>.json.

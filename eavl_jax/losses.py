@@ -1,7 +1,7 @@
 """The training loss: binary cross-entropy with logits, optional dice.
 
 Where (config.loss.at_input_size): on the S/4 map against the ground truth resized to it
-(config.loss.target_resize: by nearest, DESIGN.md and CRIS, or by area: soft targets), or on the
+(config.loss.target_resize: by nearest, as CRIS, or by area: soft targets), or on the
 logits upsampled bilinearly to the input size S against the ground truth as it comes (LAVT), the
 resize evaluation applies before thresholding.
 """

@@ -1,4 +1,4 @@
-"""oIoU, mIoU and Pr@X at the original image size (§IV-A; ../shared/DESIGN.md, "Metrics").
+"""oIoU, mIoU and Pr@X at the original image size (§IV-A; docs/evaluation.md).
 
 Per expression: the logits are upsampled bilinearly (half-pixel centres, edges clamped) to the
 image's original (H, W), foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|.

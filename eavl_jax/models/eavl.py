@@ -1,6 +1,6 @@
 """EAVL: image and expression in, the referred object's mask logits (at 1/4 of the input) out.
 
-The data flow with shapes is ../shared/DESIGN.md's; each part lives in its own file.
+Each part of the paper lives in its own file; the shapes are on the lines below.
 """
 from typing import Any
 

@@ -296,7 +296,7 @@ class SwinTransformer(nn.Module):
 
 
 class AttentionPool(nn.Module):
-  """Attention pooling of eq. 1 (CLIP-style, DESIGN.md): x4 -> (F_v4, F_vg)."""
+  """Attention pooling of eq. 1 (CLIP-style): x4 -> (F_v4, F_vg)."""
   num_heads: int
   dtype: Any = jnp.float32
 
