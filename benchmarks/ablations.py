@@ -22,10 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eavl_jax import malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 if __name__ == '__main__':
-  # pylint: disable-next=g-import-not-at-top
-  from eavl_jax import train as _train_entry   # the malloc tunables (docs/performance.md §2.5)
-  _train_entry.restart_with_malloc_tunables()
+  malloc.restart_with_malloc_tunables()   # before the heavy imports, so that they run once
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -36,6 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import common
+from eavl_jax import config_check
 from eavl_jax import input_pipeline
 from eavl_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -55,7 +56,14 @@ ROWS = {
                        {'model.neck.use_global_text': False}),
     'no_global_vision': ('query generator without F_vg, eq. 8 (table IV)',
                          {'model.query_generator.use_global_vision': False}),
+    'lavt': ('LAVT, its fixed 1x1 classifier (table V)',   # model.lavt.head: 'fixed' in base
+             {'model.name': 'lavt'}),
+    'lavt_aligner': ('LAVT + the aligner, queries from its features (table V)',
+                     {'model.name': 'lavt', 'model.lavt.head': 'aligner'}),
 }
+# Without --rows: tables II-IV. Table V: --rows=full,lavt,lavt_aligner (docs/lavt.md).
+DEFAULT_ROWS = ('full', 'nq1', 'nq8', 'fixed_kernel', 'no_estimator', 'no_global_text',
+                'no_global_vision')
 RESULT_FILE = 'result.json'
 SUMMARY_FILE = 'ablations.json'
 # Fractions in the trainer's metrics, in % here. mIoU, oIoU: mean ± std over the seeds. The query
@@ -74,7 +82,7 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Runs (<workdir>/<row>/seed_<s>), data and the summary.')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Comma-separated seeds (config.seed of each run).')
-  flags.DEFINE_list('rows', list(ROWS), f'Comma-separated rows, of: {",".join(ROWS)}.')
+  flags.DEFINE_list('rows', list(DEFAULT_ROWS), f'Comma-separated rows, of: {",".join(ROWS)}.')
 
 
 # ------------------------------------------------------------------ input
@@ -280,6 +288,8 @@ def run_grid(config, workdir, rows, seeds):
   """
   start = time.perf_counter()
   rows, seeds = check_rows(rows), parse_seeds(seeds)
+  for row in rows:   # every key of every row's config, before any data or training
+    config_check.validate(row_config(config, row, seeds[0]), training=True)
   if config.train.eval_every_steps <= 0:
     raise ValueError('train.eval_every_steps must be > 0: the rows are compared on validation')
   workdir = os.path.abspath(workdir)
@@ -406,6 +416,7 @@ def _exit_with_error(message, code):
 def main(argv):
   if len(argv) > 1:
     _exit_with_error(f'unexpected arguments: {argv[1:]}', 2)
+  # The train command's module (its flags, its malloc restart) only when run as a program.
   from eavl_jax import train as train_entry  # pylint: disable=g-import-not-at-top
   train_entry.quiet_libraries()
   cli(FLAGS.config, FLAGS.workdir, FLAGS.rows, FLAGS.seeds)

@@ -37,7 +37,7 @@ def _pass(config, read_threads, cache, batches, warmup):
   """-> (seconds per batch, digest of the batches) of one fresh loader."""
   config = config.copy_and_resolve_references()
   config.data.read_threads = read_threads
-  input_pipeline._Tokenize.CACHE_SIZE = (1 << 18) if cache else 0  # pylint: disable=protected-access
+  input_pipeline.Tokenize.CACHE_SIZE = (1 << 18) if cache else 0
   it = input_pipeline.make_train_loader(config, seed=config.seed, shard_index=0, shard_count=1,
                                         batch_size=config.train.global_batch_size)
   digest = hashlib.sha256()

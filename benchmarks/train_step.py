@@ -5,8 +5,8 @@ goes, compile time and memory, and on a GPU the model-FLOPs utilisation.
       [--batch=1] [--steps=3] [--memory_batch=4] [--no-components] [--no-memory_table]
       [--json_out=FILE]
 
-Weights are random (`vision_encoder.pretrained` and `text_encoder.pretrained` are set to '', so
-nothing is read or downloaded; the sizes are the config's), the batch is random, one device.
+Weights are random (`vision_encoder.pretrained` and `text_encoder.pretrained` are set to 'scratch',
+so nothing is read or downloaded; the sizes are the config's), the batch is random, one device.
 
 Sections:
 1. step: the jitted `trainer.make_train_step` at --batch: compile time (lower + compile),
@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # pylint: disable=wrong-import-position
+from eavl_jax import hub  # pylint: disable=wrong-import-position
 from eavl_jax import losses  # pylint: disable=wrong-import-position
 from eavl_jax import optim  # pylint: disable=wrong-import-position
 from eavl_jax import train_state as train_state_lib  # pylint: disable=wrong-import-position
@@ -73,8 +74,8 @@ PEAK_FLOPS = {
 
 def config_from_flags():
   config = ml_collections.ConfigDict(FLAGS.config.to_dict())
-  config.model.vision_encoder.pretrained = ''
-  config.model.text_encoder.pretrained = ''
+  config.model.vision_encoder.pretrained = hub.SCRATCH   # random weights, on purpose: the
+  config.model.text_encoder.pretrained = hub.SCRATCH     # step time does not depend on them
   return config
 
 

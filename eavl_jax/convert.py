@@ -10,11 +10,14 @@ writes DIR/swin/swin.msgpack (the Flax Swin tree and the final norm) and DIR/ber
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from eavl_jax import config_check
+from eavl_jax import errors
 from eavl_jax import hub
 from eavl_jax.weights import bert
 from eavl_jax.weights import files
@@ -33,9 +36,14 @@ def define_flags():
 def convert(model_config, out_dir):
   """Writes the converted encoders under out_dir; returns the config overrides that use them."""
   m = model_config
+  if not (hub.names_checkpoint(m.vision_encoder.pretrained)
+          or hub.names_checkpoint(m.text_encoder.pretrained)):
+    raise ValueError(f'model.vision_encoder.pretrained={m.vision_encoder.pretrained!r} and '
+                     f'model.text_encoder.pretrained={m.text_encoder.pretrained!r}: nothing to '
+                     'convert; set them to the checkpoints to convert (docs/weights.md)')
   allow = dict(allow_missing=m.allow_missing_keys, allow_unexpected=m.allow_unexpected_keys)
   overrides = []
-  if m.vision_encoder.pretrained:
+  if hub.names_checkpoint(m.vision_encoder.pretrained):
     params, final_norm = swin.load_swin(m.vision_encoder.pretrained,
                                         swin.abstract_params(m.vision_encoder),
                                         with_final_norm=True, **allow)
@@ -43,7 +51,7 @@ def convert(model_config, out_dir):
     flat.update({f'{swin.FINAL_NORM}/{k}': v for k, v in (final_norm or {}).items()})
     files.write_msgpack(os.path.join(out_dir, 'swin', swin.CONVERTED_FILE), flat)
     overrides.append(f'--config.model.vision_encoder.pretrained={os.path.join(out_dir, "swin")}')
-  if m.text_encoder.pretrained:
+  if hub.names_checkpoint(m.text_encoder.pretrained):
     params, hf_config = bert.load_bert(m.text_encoder.pretrained, **allow)
     folder = os.path.join(out_dir, 'bert')
     files.write_msgpack(os.path.join(folder, 'flax_model.msgpack'), report.flatten(params))
@@ -53,9 +61,6 @@ def convert(model_config, out_dir):
     overrides.append(f'--config.model.text_encoder.pretrained={folder}')
     if m.text_encoder.tokenizer:
       overrides.append(f'--config.model.text_encoder.tokenizer={folder}')
-  if not overrides:
-    raise ValueError('model.vision_encoder.pretrained and model.text_encoder.pretrained are both '
-                     'empty: nothing to convert')
   return overrides
 
 
@@ -64,7 +69,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.out is None:
     raise app.UsageError('--config and --out are required')
-  overrides = convert(FLAGS.config.model, FLAGS.out)
+  try:
+    config_check.validate(FLAGS.config)
+    overrides = convert(FLAGS.config.model, FLAGS.out)
+  except (ValueError, FileNotFoundError) as e:   # the message names the key or file
+    sys.exit(errors.error_message(e))
   print('converted; train with\n  ' + ' \\\n  '.join(overrides))
 
 

@@ -5,13 +5,17 @@
 
 Default checkpoint: the latest of DIR/checkpoints; --best: the best validation mIoU; --checkpoint:
 a step of DIR, or a checkpoint folder `<other workdir>/checkpoints/<step>`. The metrics are those
-of docs/evaluation.md (original image size, every sentence a sample; eavl_jax/metrics.py).
+of docs/evaluation.md (every sentence a sample; eavl_jax/metrics.py), scored under
+config.eval.protocol ('original': each image's own size; 'lavt': the input size).
 Prints tables laid out like the paper's tables I and II (in %), then the query diversity of every
 split (metrics.DIVERSITY_KEYS: mean pairwise IoU of the query masks, normalised entropy of the
-estimator's scores), and writes the same numbers (fractions) to DIR/eval/<step>.json.
+estimator's scores), and writes the same numbers (fractions) to
+DIR/eval/<step>.<dataset>.<protocol>.<data_dir digest>.json (json_path): one file per checkpoint,
+data set and protocol.
 Multi-host: as training (eavl_jax/distributed.py, launch/ with --module=evaluate;
 docs/distributed.md).
 """
+import hashlib
 import json
 import os
 import sys
@@ -20,6 +24,16 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
+
+from eavl_jax import checkpointing
+from eavl_jax import config_check
+from eavl_jax import errors
+from eavl_jax import evaluation
+from eavl_jax import metrics
+from eavl_jax import sharding
+from eavl_jax import trainer
+from eavl_jax import weights
+from eavl_jax.models import eavl
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +49,7 @@ def define_flags():
   flags.DEFINE_integer('batch_size', None, 'Global eval batch; default '
                        'config.train.eval_batch_size.')
   # --distributed, --coordinator_address, --num_processes, --process_id, --local_device_ids:
+  # Defines flags on import: only when run as a program, so that importing this module adds none.
   from eavl_jax import distributed  # pylint: disable=g-import-not-at-top,unused-import
 
 
@@ -52,74 +67,23 @@ DATASET_NAMES = {'refcoco': 'RefCOCO', 'refcocop': 'RefCOCO+', 'refcocog_umd': '
 TABLE_II_KEYS = ('mIoU', 'Pr@0.5', 'Pr@0.6', 'Pr@0.7', 'Pr@0.8', 'Pr@0.9', 'oIoU')
 
 
-def parse_checkpoint(workdir, checkpoint):
-  """--checkpoint -> (workdir holding it, step or None)."""
-  if checkpoint is None:
-    return workdir, None
-  if checkpoint.isdigit():
-    return workdir, int(checkpoint)
-  path = os.path.abspath(checkpoint.rstrip('/'))
-  parent, name = os.path.split(path)
-  if not name.isdigit() or os.path.basename(parent) != 'checkpoints':
-    raise ValueError(f'--checkpoint={checkpoint!r}: expected a step number or a folder '
-                     '<workdir>/checkpoints/<step>')
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no such checkpoint folder')
-  return os.path.dirname(parent), int(name)
-
-
-def restore_variables(config, workdir, checkpoint=None, best=False):
-  """-> (variables {'params', 'batch_stats'}, step) of the chosen checkpoint (clear errors: none there, another config)."""
-  from eavl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  if best and checkpoint is not None:
-    raise ValueError('give either --checkpoint or --best, not both')
-  ckpt_workdir, step = parse_checkpoint(workdir, checkpoint)
-  return checkpointing.restore_for_eval(config, ckpt_workdir, step=step, best=best)
-
-
-def local_batch_size(batch_size, mesh):
-  """Global eval batch -> this process's rows; it must split over processes and devices."""
-  devices, processes = mesh.devices.size, jax.process_count()
-  if batch_size < 1 or batch_size % devices or batch_size % processes:
-    raise ValueError(f'eval batch size {batch_size} must be a positive multiple of the '
-                     f'{devices} device(s) and {processes} process(es)')
-  return batch_size // processes
-
-
-def evaluate_split(config, predict_fn, split, *, mesh, batch_size=None, logits_on_canvas=False):
-  """Metrics of one split (metrics.summarize): every sentence once, padding never counted.
-
-  predict_fn(batch) -> logits (B, h, w) over the whole image (or (B, M, M) on the original-size
-  canvas with logits_on_canvas=True), or the model's dict {'logits', 'masks', 'scores'} (then the
-  result also holds metrics.DIVERSITY_KEYS); batch: global arrays sharded over the mesh.
-  """
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from eavl_jax import metrics  # pylint: disable=g-import-not-at-top
-  local = local_batch_size(batch_size or config.train.eval_batch_size, mesh)
-  pc = jax.process_count()
-  num_batches = metrics.num_eval_batches(input_pipeline.num_examples(config, split), pc, local)
-  loader = input_pipeline.make_eval_loader(config, split, shard_index=jax.process_index(),
-                                           shard_count=pc, batch_size=local)
-  return metrics.evaluate_loader(predict_fn, loader, mesh=mesh, num_batches=num_batches,
-                                 logits_on_canvas=logits_on_canvas)
-
-
 def evaluate_splits(config, predict_fn, splits, **kwargs):
-  """{split: metrics} for every split (kwargs as evaluate_split)."""
-  return {split: evaluate_split(config, predict_fn, split, **kwargs) for split in splits}
+  """{split: metrics} for every split (kwargs as evaluation.evaluate_split)."""
+  return {split: evaluation.evaluate_split(config, predict_fn, split, **kwargs)[0]
+          for split in splits}
 
 
-def format_tables(dataset, step, results):
+def format_tables(dataset, step, results, protocol):
   """Table I layout (metric rows, split columns, the paper's EAVL row beside ours), table II
   layout (a row per split: mIoU, Pr@50 ... Pr@90, oIoU) and, where measured, the query diversity
-  (a row per split: qIoU = query_mask_iou, S-ent = score_entropy; '-': not measured), in %."""
-  from eavl_jax import metrics  # pylint: disable=g-import-not-at-top
+  (a row per split: qIoU = query_mask_iou, S-ent = score_entropy; '-': not measured), in %.
+  protocol: the header's second line (evaluation.describe_protocol)."""
   splits = list(results)
   name = DATASET_NAMES.get(dataset, dataset)
   paper = PAPER_TABLE_I.get(dataset, {})
   col = lambda x: f'{x:>8}'
-  lines = [f'EAVL on {name}, checkpoint step {step}, in % (every sentence a sample)', '',
-           'Table I layout', f'{"metric":<7} {"model":<14}' + ''.join(col(s) for s in splits)]
+  lines = [f'EAVL on {name}, checkpoint step {step}, in % (every sentence a sample)', protocol,
+           '', 'Table I layout', f'{"metric":<7} {"model":<14}' + ''.join(col(s) for s in splits)]
   for metric in ('oIoU', 'mIoU'):
     lines.append(f'{metric:<7} {"eavl_jax":<14}'
                  + ''.join(col(f'{100 * results[s][metric]:.2f}') for s in splits))
@@ -143,56 +107,64 @@ def format_tables(dataset, step, results):
   return '\n'.join(lines)
 
 
-def write_json(workdir, step, dataset, checkpoint_dir, results):
-  """DIR/eval/<step>.json: {'step', 'dataset', 'checkpoint', 'splits': {split: metrics}}; splits
-  evaluated earlier for the same step and data set are kept."""
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f'{step}.json')
-  splits = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old.get('dataset') == dataset:
-      splits = old.get('splits', {})
+def json_path(workdir, record):
+  """DIR/eval/<step>.<dataset>.<protocol>.<digest>.json of a record {'step', 'dataset',
+  'data_dir', 'protocol', 'checkpoint'}; digest: the first 8 hex digits of the SHA-256 of the
+  absolute data_dir. Another data set, data_dir or protocol never shares a file."""
+  digest = hashlib.sha256(os.path.abspath(record['data_dir']).encode()).hexdigest()[:8]
+  name = f'{record["step"]}.{record["dataset"]}.{record["protocol"]}.{digest}.json'
+  return os.path.join(workdir, 'eval', name)
+
+
+def read_splits(path, record):
+  """The splits already in `path` ({} if none); an error if that file holds another record's
+  results (another checkpoint of the same step, or a digest collision)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  theirs = {k: old.get(k) for k in record}
+  if theirs != record:
+    raise ValueError(f'{path} holds the results of {theirs}, not of {record}: move that file '
+                     'away or give another --workdir')
+  return old['splits']
+
+
+def write_json(path, record, results):
+  """Writes {**record, 'splits': {split: metrics}} to path; the splits evaluated into it before
+  are kept (a split evaluated again is replaced)."""
+  splits = read_splits(path, record)
   splits.update(results)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
-    json.dump({'step': step, 'dataset': dataset, 'checkpoint': checkpoint_dir, 'splits': splits},
-              f, indent=2)
+    json.dump({**record, 'splits': splits}, f, indent=2)
   os.replace(path + '.tmp', path)
   return path
 
 
 def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size=None):
   """Restores, evaluates every split, writes the JSON (process 0) -> (step, results, json path)."""
-  from eavl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
+  config_check.validate(config)   # every key, before the data are read or generated
   config = trainer.prepare_data(config, workdir)   # synthetic: the records under workdir/data
   splits = list(splits or config.data.eval_splits)
   if not splits:
     raise ValueError('no split to evaluate: give --splits or set config.data.eval_splits')
-  variables, step = restore_variables(config, workdir, checkpoint, best)
+  variables, step = checkpointing.restore_variables(config, workdir, checkpoint, best)
+  ckpt_workdir, _ = checkpointing.parse_checkpoint(workdir, checkpoint)
+  record = {'step': step, 'dataset': config.data.dataset,
+            'data_dir': os.path.abspath(config.data.data_dir), 'protocol': config.eval.protocol,
+            'checkpoint': os.path.join(ckpt_workdir, 'checkpoints', str(step))}
+  path = json_path(workdir, record)
+  read_splits(path, record)   # another record's file: an error before the evaluation
   mesh = sharding.make_mesh(config.mesh)
-  predict = trainer.make_predict_fn(eavl.build_model(config.model))
+  predict = trainer.make_predict_fn(
+      eavl.build_model(weights.with_checkpoint_text_sizes(config.model)))
   results = evaluate_splits(config, lambda batch: predict(variables, batch), splits, mesh=mesh,
                             batch_size=batch_size)
-  path = None
   if jax.process_index() == 0:
-    ckpt_workdir, _ = parse_checkpoint(workdir, checkpoint)
-    ckpt = os.path.join(ckpt_workdir, 'checkpoints', str(step))
-    path = write_json(workdir, step, config.data.dataset, ckpt, results)
+    write_json(path, record, results)
   return step, results, path
-
-
-def error_message(e, limit=600):
-  """'error: <message>' on one line (a multi-line message's lines joined by '; '), cut to `limit`
-  characters: what the command line prints instead of a traceback."""
-  text = ''
-  for line in filter(None, (line.strip() for line in str(e).splitlines())):
-    text += ('' if not text else ' ' if text.endswith(':') else '; ') + line
-  return 'error: ' + (text if len(text) <= limit else text[:limit] + ' ...')
 
 
 def main(argv):
@@ -200,16 +172,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
-  from eavl_jax import distributed  # pylint: disable=g-import-not-at-top
+  from eavl_jax import distributed  # pylint: disable=g-import-not-at-top  (see define_flags)
   distributed.initialize()
   config = FLAGS.config
   try:
     step, results, path = run(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, best=FLAGS.best,
                               splits=FLAGS.splits, batch_size=FLAGS.batch_size)
   except (ValueError, FileNotFoundError) as e:
-    sys.exit(error_message(e))
+    sys.exit(errors.error_message(e))
   if jax.process_index() == 0:
-    print(format_tables(config.data.dataset, step, results))
+    print(format_tables(config.data.dataset, step, results, evaluation.describe_protocol(config)))
     print(f'\nwritten: {path}')
 
 

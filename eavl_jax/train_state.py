@@ -5,8 +5,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from eavl_jax import hub
 from eavl_jax import sharding as sharding_lib
+from eavl_jax import weights
 from eavl_jax.models import eavl
+from eavl_jax.weights import lavt as lavt_weights
 
 
 @flax.struct.dataclass
@@ -52,8 +55,20 @@ def abstract_train_state(config, model, tx, mesh):
   return abstract, state_shardings(abstract, mesh, config.mesh.param_sharding)
 
 
+def abstract_variables(model_config, batch_size=1):
+  """{'params', 'batch_stats'} of the model as ShapeDtypeStructs (jax.eval_shape: nothing is
+  allocated); 'batch_stats' is {} without BatchNorm in the head. model_config: with the
+  text-encoder sizes already resolved (weights.with_checkpoint_text_sizes)."""
+  model = eavl.build_model(model_config)
+  inputs = eavl.dummy_inputs(model_config, batch_size)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
 def uses_pretrained(model_config) -> bool:
-  return bool(model_config.vision_encoder.pretrained or model_config.text_encoder.pretrained)
+  """An encoder's `pretrained` names weights to load (neither '' nor 'scratch')."""
+  return (hub.names_checkpoint(model_config.vision_encoder.pretrained)
+          or hub.names_checkpoint(model_config.text_encoder.pretrained))
 
 
 def create_train_state(config, model, tx, mesh, *, load_pretrained=True):
@@ -66,11 +81,18 @@ def create_train_state(config, model, tx, mesh, *, load_pretrained=True):
   abstract, shardings = abstract_train_state(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   if load_pretrained and uses_pretrained(config.model):
-    from eavl_jax import weights  # pylint: disable=g-import-not-at-top
     params = weights.load_pretrained_encoders(_host_params(state.params), config.model)
     _check_same_structure(params, abstract.params)
     # Adam's moments are zeros whatever the values, so the optimizer state stays valid.
     state = state.replace(params=sharding_lib.put_global(params, shardings.params))
+  if load_pretrained and config.model.name == 'lavt' and config.model.lavt.pretrained:
+    host = _host_params(state.variables())
+    # A released LAVT: every weight it has, BatchNorm's running averages too.
+    variables = lavt_weights.load_lavt(config.model.lavt.pretrained, host, config.model)
+    _check_same_structure(variables, host)
+    state = state.replace(
+        params=sharding_lib.put_global(variables['params'], shardings.params),
+        batch_stats=sharding_lib.put_global(variables['batch_stats'], shardings.batch_stats))
   return state, shardings
 
 

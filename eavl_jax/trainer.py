@@ -19,20 +19,23 @@ import numpy as np
 import optax
 import tqdm
 
+from data_prep import build
+from data_prep import synthetic
 from eavl_jax import checkpointing
+from eavl_jax import config_check
+from eavl_jax import device_memory
+from eavl_jax import evaluation
 from eavl_jax import input_pipeline
 from eavl_jax import losses
 from eavl_jax import metrics as metrics_lib
 from eavl_jax import optim
 from eavl_jax import sharding as sharding_lib
+from eavl_jax import synthetic_pretrain
 from eavl_jax import train_state as train_state_lib
+from eavl_jax import weights
 from eavl_jax.models import eavl
 
 TRAIN_KEYS = ('image', 'input_ids', 'attention_mask', 'mask')
-# Test hooks: SIGKILL this process after this step (once the checkpoints started so far are
-# written); send it SIGTERM during this step (a preemption notice at a known step, no race).
-KILL_AFTER_STEP_ENV = 'EAVL_TEST_SIGKILL_AFTER_STEP'
-TERM_AFTER_STEP_ENV = 'EAVL_TEST_SIGTERM_AFTER_STEP'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,6 +90,19 @@ def jit_train_step(train_step, state_shardings, mesh):
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+def lower_train_step(config, model, mesh, total_updates):
+  """The train step of `config` (its optimizer, its micro-batch) jitted and lowered ahead of time
+  on the abstract state and batch: nothing is allocated. -> jax.stages.Lowered."""
+  tx, schedule = optim.make_optimizer(config.optim, total_updates)
+  abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
+  frozen = optim.frozen_mask(config.optim, abstract.params)
+  step = jit_train_step(make_train_step(model, tx, schedule, config, frozen, mesh), shardings,
+                        mesh)
+  micro_batch = config.train.global_batch_size // config.optim.grad_accum_steps
+  return step.lower(abstract, device_memory.abstract_train_batch(config, micro_batch),
+                    abstract.rng)
+
+
 def make_predict_fn(model):
   """-> jitted predict(variables, batch) -> {'logits' (B, S/4, S/4), 'masks' (B, N_q, S/4, S/4),
   'scores' (B, N_q)}, the model's output; variables: TrainState.variables()."""
@@ -138,8 +154,6 @@ def prepare_data(config, workdir):
                      'and data.data_dir=\'\' (set it to 0 otherwise)')
   if config.data.dataset != 'synthetic' or config.data.data_dir:
     return config
-  from data_prep import build  # pylint: disable=g-import-not-at-top
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   root = os.path.join(workdir, 'data')
   data_dir = os.path.join(root, 'tfds')
   done = os.path.join(root, 'BUILT')   # holds what was generated: a changed config must not reuse it
@@ -173,7 +187,6 @@ def prepare_data(config, workdir):
 def prepare_pretrained_vision(config, root):
   """config.pretrain.vision_steps > 0: the Swin pretrained on the synthetic train images under
   <root>/pretrained_vision (made once per pretraining config) -> that folder."""
-  from eavl_jax import synthetic_pretrain  # pylint: disable=g-import-not-at-top
   folder = os.path.join(root, 'pretrained_vision')
   done = os.path.join(folder, 'DONE')
   wanted = {'pretrain': config.pretrain.to_dict(), 'seed': config.seed,
@@ -198,51 +211,6 @@ def prepare_pretrained_vision(config, root):
 # ------------------------------------------------------------------ evaluation
 
 
-def denormalize(image):
-  return np.clip(image * input_pipeline.STD_RGB + input_pipeline.MEAN_RGB, 0, 255).astype(np.uint8)
-
-
-def overlay(images, logits, masks_orig, sizes):
-  """(N,S,S,3) normalised, (N,S/4,S/4), (N,M,M), (N,2) -> (N,S,2S,3) uint8:
-  prediction in red (left) and ground truth in green (right) over the input."""
-  out = []
-  for image, logit, mask, (h, w) in zip(images, logits, masks_orig, sizes):
-    rgb = denormalize(image).astype(np.float32)
-    s = rgb.shape[0]
-    pred = np.kron(logit > 0, np.ones((s // logit.shape[0],) * 2))                # (S, S)
-    rows, cols = np.arange(s) * h // s, np.arange(s) * w // s
-    gt = mask[rows][:, cols] > 0                                                  # (S, S)
-    left, right = rgb.copy(), rgb.copy()
-    left[pred > 0] = 0.5 * left[pred > 0] + [127, 0, 0]
-    right[gt] = 0.5 * right[gt] + [0, 127, 0]
-    out.append(np.concatenate([left, right], axis=1).astype(np.uint8))
-  return np.stack(out)
-
-
-def evaluate(config, predict, variables, mesh, split, num_images=0):
-  """-> (metrics dict of metrics.evaluate_loader: METRIC_KEYS, DIVERSITY_KEYS with a
-  make_predict_fn predict, 'samples'; prediction overlays (N, S, 2S, 3) or None)."""
-  pc = jax.process_count()
-  local_batch = config.train.eval_batch_size // pc
-  loader = input_pipeline.make_eval_loader(config, split, shard_index=jax.process_index(),
-                                           shard_count=pc, batch_size=local_batch)
-  num_batches = metrics_lib.num_eval_batches(input_pipeline.num_examples(config, split), pc,
-                                             local_batch)
-  first = {}
-  take = jax.jit(lambda *xs: [x[:num_images] for x in xs],
-                 out_shardings=sharding_lib.replicated(mesh))
-
-  def predict_fn(batch):
-    out = predict(variables, batch)
-    if num_images and not first:
-      logits = out['logits'] if isinstance(out, dict) else out
-      first['arrays'] = take(batch['image'], logits, batch['mask_orig'], batch['orig_size'])
-    return out
-  result = metrics_lib.evaluate_loader(predict_fn, loader, mesh=mesh, num_batches=num_batches)
-  images = overlay(*[np.asarray(x) for x in first['arrays']]) if first else None
-  return result, images
-
-
 def format_table(split, step, result):
   """METRIC_KEYS' columns, then qIoU (query_mask_iou) and S-ent (score_entropy); '-': absent."""
   keys = metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS
@@ -262,7 +230,7 @@ class Writer:
   def __init__(self, workdir):
     self._active = jax.process_index() == 0
     if self._active:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (process 0 only; loads protobuf)
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
@@ -335,22 +303,9 @@ def _flush(pending, writer, bar):
   bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', lr=f'{mean["train/lr"]:.2e}')
 
 
-def train_and_evaluate(config, workdir):
-  """Trains (resuming from workdir's latest checkpoint), validates, checkpoints; returns the last
-  validation metrics (or None with evaluation off)."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config = prepare_data(config, workdir)
-  tr = config.train
-  main = jax.process_index() == 0
-  pc = jax.process_count()
-  if main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  mesh = sharding_lib.make_mesh(config.mesh)
-  micro_batch, total_steps, total_updates = step_counts(
-      config, input_pipeline.num_examples(config, config.data.train_split))
+def check_train_batches(config, mesh, micro_batch):
+  """ValueError unless a train step's expressions and images, and the eval batch, split evenly
+  over the mesh's batch axes."""
   check_batch_split('train.global_batch_size / optim.grad_accum_steps', micro_batch, mesh,
                     sharding_lib.BATCH_AXES)
   k = config.data.refs_per_image
@@ -361,52 +316,98 @@ def train_and_evaluate(config, workdir):
     check_batch_split(f'the images of a train step (train.global_batch_size / '
                       f'optim.grad_accum_steps / data.refs_per_image={k})', micro_batch // k,
                       mesh, sharding_lib.BATCH_AXES)
-  evaluating = tr.eval_every_steps > 0
-  if evaluating:
-    check_batch_split('train.eval_batch_size', tr.eval_batch_size, mesh, ('data',))
+  if config.train.eval_every_steps > 0:
+    check_batch_split('train.eval_batch_size', config.train.eval_batch_size, mesh, ('data',))
 
-  model = eavl.build_model(config.model)
-  tx, schedule = optim.make_optimizer(config.optim, total_updates)
-  manager = checkpointing.make_manager(workdir, tr)
-  train_iter = input_pipeline.make_train_loader(config, seed=config.seed,
-                                                shard_index=jax.process_index(),
-                                                shard_count=pc, batch_size=micro_batch // pc)
+
+def restore_or_create(config, model, tx, mesh, manager, micro_batch):
+  """-> (train state, train iterator): the latest checkpoint of `manager` with its data order, or
+  a new state and a fresh iterator."""
+  pc = jax.process_count()
+
+  def loader(seed):
+    return input_pipeline.make_train_loader(config, seed=seed, shard_index=jax.process_index(),
+                                            shard_count=pc, batch_size=micro_batch // pc)
+
+  train_iter = loader(config.seed)
   latest = manager.latest_step()
   if latest is None:
-    state, shardings = train_state_lib.create_train_state(config, model, tx, mesh)
-  else:
-    abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
-    state, same_data_order = checkpointing.restore(manager, latest, abstract, shardings,
-                                                   train_iter)
-    logging.info('resumed from %s at step %d', manager.directory, latest)
-    if not same_data_order:
-      # Documented fallback (docs/distributed.md): another process count cannot continue the
-      # saved per-process iterators; a new shuffled pass starts, seeded by (seed, step).
-      logging.warning('the checkpoint of step %d was written by %s processes, this job has %d: '
-                      'the training data continue with a new shuffle (seed %d + step) instead of '
-                      'the saved order', latest, checkpointing.saved_process_count(manager, latest),
-                      pc, config.seed)
-      train_iter = input_pipeline.make_train_loader(
-          config, seed=config.seed + latest, shard_index=jax.process_index(), shard_count=pc,
-          batch_size=micro_batch // pc)
+    state, _ = train_state_lib.create_train_state(config, model, tx, mesh)
+    return state, train_iter
+  abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
+  state, same_data_order = checkpointing.restore(manager, latest, abstract, shardings, train_iter)
+  logging.info('resumed from %s at step %d', manager.directory, latest)
+  if not same_data_order:
+    # Documented fallback (docs/distributed.md): another process count cannot continue the
+    # saved per-process iterators; a new shuffled pass starts, seeded by (seed, step).
+    logging.warning('the checkpoint of step %d was written by %s processes, this job has %d: '
+                    'the training data continue with a new shuffle (seed %d + step) instead of '
+                    'the saved order', latest, checkpointing.saved_process_count(manager, latest),
+                    pc, config.seed)
+    train_iter = loader(config.seed + latest)
+  return state, train_iter
+
+
+def validate(config, predict, state, mesh, step, writer, bar, num_images=0):
+  """Validation on data.val_split: scalars and prediction panels to the writer, the table
+  printed; -> its metrics."""
+  variables = state.variables()
+  result, images = evaluation.evaluate_split(
+      config, lambda b: predict(variables, b), config.data.val_split, mesh=mesh,
+      num_images=num_images)
+  writer.scalars(step, {f'val/{k}': result[k] for k in
+                        metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS if k in result})
+  writer.images(step, 'val/predictions', images)
+  bar.write(format_table(config.data.val_split, step, result))
+  return result
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from workdir's latest checkpoint), validates, checkpoints; returns the last
+  validation metrics (or None with evaluation off)."""
+  workdir = os.path.abspath(workdir)
+  config_check.validate(config, training=True)   # every key, before any slow work
+  os.makedirs(workdir, exist_ok=True)
+  config = prepare_data(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding_lib.make_mesh(config.mesh)
+  micro_batch, total_steps, total_updates = step_counts(
+      config, input_pipeline.num_examples(config, config.data.train_split))
+  check_train_batches(config, mesh, micro_batch)
+  model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
+  tx, _ = optim.make_optimizer(config.optim, total_updates)
+  # Compiled before any slow work, and held against each device's memory (one line if too big).
+  train_step = device_memory.compile_train_step(
+      config, lambda c: lower_train_step(c, model, mesh, total_updates), mesh.size)
+  manager = checkpointing.make_manager(workdir, config.train)
+  state, train_iter = restore_or_create(config, model, tx, mesh, manager, micro_batch)
+  return train_loop(config, workdir, model, mesh, manager, state, train_iter, train_step,
+                    (total_steps, total_updates))
+
+
+def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_step, totals):
+  """Steps from the state's step to the last one, validating and checkpointing on the config's
+  intervals, saving and returning early on SIGTERM; closes the manager; -> the last validation
+  metrics (None with evaluation off)."""
+  tr = config.train
+  total_steps, total_updates = totals
+  main = jax.process_index() == 0
+  evaluating = tr.eval_every_steps > 0
   start = int(jax.device_get(state.step))
   base_rng = jnp.asarray(jax.device_get(state.rng))
-  frozen = optim.frozen_mask(config.optim, state.params)
-  train_step = jit_train_step(make_train_step(model, tx, schedule, config, frozen, mesh),
-                              shardings, mesh)
   step_rng = jax.jit(jax.random.fold_in, out_shardings=sharding_lib.replicated(mesh))
   predict = make_predict_fn(model)
   logging.info('training: %d steps (%d optimizer updates of %d examples) from step %d on %d '
                'device(s), mesh %s', total_steps, total_updates, tr.global_batch_size, start,
                jax.device_count(), dict(mesh.shape))
-
   writer = Writer(workdir)
   preemption = _Preemption()
-  kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, '-1'))
-  term_after = int(os.environ.get(TERM_AFTER_STEP_ENV, '-1'))
   bar = tqdm.tqdm(total=total_steps, initial=start, disable=not main, desc='train',
                   dynamic_ncols=True, file=sys.stderr)
-  pending, result, last_eval = [], None, None
+  pending, result, last_eval, shown = [], None, None, None   # shown: the step of the last table
   try:
     for step in range(start + 1, total_steps + 1):   # `step`: train steps done after this one
       host_batch = next(train_iter)
@@ -414,8 +415,6 @@ def train_and_evaluate(config, workdir):
       state, metrics = train_step(state, batch, step_rng(base_rng, step - 1))
       pending.append((step, metrics))
       bar.update(1)
-      if step == term_after:   # tests: a preemption notice while this step runs
-        os.kill(os.getpid(), signal.SIGTERM)
       last = step == total_steps
       preempted = preemption.reached(step)
       evaluate_now = evaluating and (step % tr.eval_every_steps == 0 or last)
@@ -424,19 +423,11 @@ def train_and_evaluate(config, workdir):
         _flush(pending, writer, bar)
       eval_metrics = None
       if evaluate_now:
-        result, images = evaluate(config, predict, state.variables(), mesh, config.data.val_split,
-                                  tr.num_eval_images)
-        last_eval = step
+        result = validate(config, predict, state, mesh, step, writer, bar, tr.num_eval_images)
+        last_eval = shown = step
         eval_metrics = {checkpointing.BEST_METRIC: result[checkpointing.BEST_METRIC]}
-        writer.scalars(step, {f'val/{k}': result[k] for k in
-                              metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS if k in result})
-        writer.images(step, 'val/predictions', images)
-        bar.write(format_table(config.data.val_split, step, result))
       if save_now:
         checkpointing.save(manager, step, state, train_iter, metrics=eval_metrics)
-      if step == kill_after:   # tests: a hard crash once the saves so far are on disk
-        manager.wait_until_finished()
-        os.kill(os.getpid(), signal.SIGKILL)
       if preempted:
         manager.wait_until_finished()
         bar.close()
@@ -447,7 +438,9 @@ def train_and_evaluate(config, workdir):
     _flush(pending, writer, bar)
     bar.close()
     if evaluating and last_eval is None:   # resumed at the end: evaluate what is there
-      result, _ = evaluate(config, predict, state.variables(), mesh, config.data.val_split)
+      variables = state.variables()
+      result, _ = evaluation.evaluate_split(config, lambda b: predict(variables, b),
+                                            config.data.val_split, mesh=mesh)
       last_eval = start
     manager.wait_until_finished()
   finally:
@@ -455,6 +448,6 @@ def train_and_evaluate(config, workdir):
     preemption.close()
     writer.close()
     manager.close()   # waits for pending saves
-  if main and result is not None:
+  if main and result is not None and last_eval != shown:   # not already written by the loop
     print(format_table(config.data.val_split, last_eval, result), flush=True)
   return result

@@ -34,3 +34,28 @@ def test_train_loader_variants_give_the_same_batches(tmp_path):
   assert 'same batches in every variant: True' in result.stdout, result.stdout
   rows = [l for l in result.stdout.splitlines() if l.rstrip().endswith('x')]
   assert len(rows) == 3 and all(float(l.split()[-2]) > 0 for l in rows), result.stdout
+
+
+def test_refcoco_smoke_runs_the_trainer_on_a_refer_fixture(tmp_path):
+  """The paper-config smoke run at the tiny model's sizes: fixture in the refcoco layout, built,
+  2 train steps and a validation through trainer.train_and_evaluate; its numbers are measured."""
+  out = tmp_path / 'smoke.json'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/refcoco_smoke.py', '--config=configs/tiny.py',
+       '--config.data.dataset=refcoco', '--images=6', '--image_px=96', f'--workdir={tmp_path}',
+       f'--json_out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  refs = tmp_path / 'refer' / 'refcoco'
+  assert (refs / 'refs(unc).p').is_file() and (refs / 'instances.json').is_file()
+  images = sorted(os.listdir(tmp_path / 'refer' / 'images'))
+  assert len(images) == 6 and all(n.startswith('COCO_train2014_') for n in images), images
+  assert os.listdir(tmp_path / 'run' / 'checkpoints') == ['2']    # trained 2 steps
+  data = json.loads(out.read_text())
+  assert data['compile_s'] > 0 and len(data['step_s']) == 2 and len(data['eval_s']) == 1
+  assert data['memory']['needed'] == (data['memory']['argument'] + data['memory']['output']
+                                      + data['memory']['temp'] - data['memory']['alias']) > 0
+  assert data['peak_rss_bytes'] > 0
+  samples = data['validation']['samples']
+  assert samples > 0 and 0 <= data['validation']['oIoU'] <= 1
+  assert 'train step compile' in result.stdout and f'validation on val ({samples} ' in result.stdout

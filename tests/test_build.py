@@ -221,3 +221,61 @@ def test_long_expression_is_stored_as_is_and_truncated_by_the_pipeline(synthetic
   tokenizer = hub.load_tokenizer(config.model.text_encoder)
   assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
   assert tokenizer.decode(ids[1:-1]) == ' '.join(['red'] * (config.model.max_tokens - 2))
+
+
+# ------------------------------------------------------------------ COCO train2014 / train2017
+
+
+def _coco_named_layout(synthetic_raw, root, form):
+  """The synthetic refer layout with instances.json naming image i COCO_train2014_<i, 12
+  digits>.jpg, as the refer files name COCO's images, and an image folder holding them under
+  `form`'s names: 'train2014' (those names), 'train2017' (<12 digits>.jpg) or 'neither'."""
+  raw = os.path.join(root, 'raw')
+  shutil.copytree(synthetic_raw, raw, ignore=shutil.ignore_patterns('images'))
+  folder = os.path.join(root, form)
+  os.makedirs(folder)
+  path = os.path.join(raw, 'synthetic', 'instances.json')
+  with open(path) as f:
+    instances = json.load(f)
+  for image in instances['images']:
+    digits = f'{image["id"]:012d}'
+    stored = {'train2014': f'COCO_train2014_{digits}.jpg', 'train2017': f'{digits}.jpg',
+              'neither': f'img_{digits}.jpg'}[form]
+    shutil.copy(os.path.join(synthetic_raw, 'images', image['file_name']),
+                os.path.join(folder, stored))
+    image['file_name'] = f'COCO_train2014_{digits}.jpg'
+  with open(path, 'w') as f:
+    json.dump(instances, f)
+  return raw, folder
+
+
+def test_train2017_names_resolve_to_the_same_images_as_train2014(synthetic_raw, tmp_path):
+  records = {}
+  for form in ('train2014', 'train2017'):
+    raw, folder = _coco_named_layout(synthetic_raw, str(tmp_path / form), form)
+    lines = []
+    build.build('synthetic', raw, folder, str(tmp_path / form / 'records'), log=lines.append)
+    assert f'images: COCO {form} names' in lines[0] and f'in {folder}' in lines[0], lines[0]
+    source = refer_tfds.EavlRefer(config='synthetic', data_dir=str(tmp_path / form / 'records')
+                                  ).as_data_source('train')
+    records[form] = [(int(ex['image_id']), ex['image']) for ex in source]
+  assert records['train2017'] == records['train2014'] and records['train2014']
+  _, coco = _source(synthetic_raw)             # the original files, byte for byte
+  for image_id, data in records['train2017']:
+    with open(os.path.join(synthetic_raw, 'images', coco.imgs[image_id]['file_name']), 'rb') as f:
+      assert data == f.read()
+
+
+def test_image_folder_with_neither_coco_form_is_one_error(synthetic_raw, tmp_path):
+  raw, folder = _coco_named_layout(synthetic_raw, str(tmp_path), 'neither')
+  out = subprocess.run(
+      [sys.executable, '-m', 'data_prep.build', '--dataset=synthetic', f'--refer_root={raw}',
+       f'--images={folder}', f'--data_dir={tmp_path}/records'],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert out.returncode == 1 and len(errors) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert folder in errors[0]
+  assert 'COCO_train2014_<12 digits>.jpg' in errors[0] and '(<12 digits>.jpg)' in errors[0]
+  with pytest.raises(FileNotFoundError, match='no_such_folder'):
+    build.build('synthetic', raw, str(tmp_path / 'no_such_folder'), str(tmp_path / 'r'),
+                log=_quiet)

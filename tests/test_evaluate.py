@@ -2,13 +2,16 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import pytest
 
+from eavl_jax import checkpointing
 from eavl_jax import evaluate
+from eavl_jax import evaluation
 from eavl_jax import metrics
 from eavl_jax import sharding
 
@@ -55,25 +58,27 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
   # in another workdir, --splits=val: only that split is evaluated, the JSON of the step keeps the
   # splits evaluated before.
   step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
-  earlier = {'step': tiny_trained.steps, 'dataset': 'synthetic', 'checkpoint': step_dir,
-             'splits': {'testB': {'oIoU': 0.5, 'samples': 3}}}
+  record = {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': synthetic_records,
+            'protocol': 'original', 'checkpoint': step_dir}
+  earlier = {**record, 'splits': {'testB': {'oIoU': 0.5, 'samples': 3}}}
   os.makedirs(tmp_path / 'eval')
-  with open(tmp_path / 'eval' / f'{tiny_trained.steps}.json', 'w') as f:
+  with open(evaluate.json_path(str(tmp_path), record), 'w') as f:
     json.dump(earlier, f)
   step, results, path = evaluate.run(tiny_trained.config(), str(tmp_path), splits=['val'],
                                      checkpoint=step_dir + '/')
   assert step == tiny_trained.steps and list(results) == ['val']
-  assert path == str(tmp_path / 'eval' / f'{tiny_trained.steps}.json')
+  assert path == evaluate.json_path(str(tmp_path), record)
+  assert os.path.basename(path).startswith(f'{tiny_trained.steps}.synthetic.original.')
   with open(path) as f:
     assert json.load(f)['splits'] == {'testB': earlier['splits']['testB'], 'val': results['val']}
 
   proc = finish(cli)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Table I layout' in proc.stdout and 'Table II layout' in proc.stdout
-  with open(os.path.join(tiny_trained.workdir, 'eval', f'{tiny_trained.steps}.json')) as f:
+  assert "protocol 'original' (scored at each image's original size)" in proc.stdout
+  with open(evaluate.json_path(tiny_trained.workdir, record)) as f:
     saved = json.load(f)
-  assert saved['step'] == tiny_trained.steps and saved['dataset'] == 'synthetic'
-  assert saved['checkpoint'] == step_dir
+  assert {k: saved[k] for k in record} == record
   assert sorted(saved['splits']) == sorted(SPLITS)
   assert saved['splits']['val'] == results['val']
   counts = sentence_counts(synthetic_raw)
@@ -112,6 +117,13 @@ def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw
     assert got[split]['samples'] == counts[split]
     assert all(got[split][k] == 0.0 for k in got[split] if k != 'samples'), got[split]
 
+  # eval.protocol='lavt': scored against the batch's mask at the input size (S, S).
+  config.eval.protocol = 'lavt'
+  at_input_size = lambda b: b['mask'].astype(jnp.float32) * 2.0 - 1.0   # (B, S, S)
+  got = evaluate.evaluate_splits(config, at_input_size, SPLITS, mesh=mesh, batch_size=batch)
+  for split in SPLITS:
+    assert got[split]['samples'] == counts[split] and got[split]['oIoU'] == 1.0, got[split]
+
 
 def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   config, workdir = tiny_trained.config(), tiny_trained.workdir
@@ -121,25 +133,28 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   other_config = start_cli('eavl_jax.evaluate', '--config=configs/tiny.py', f'--workdir={workdir}',
                            f'--config.data.data_dir={synthetic_records}',
                            '--config.model.num_queries=2')
+  # An unknown protocol fails before any slow work (here: generating the synthetic data).
+  bad_protocol = start_cli('eavl_jax.evaluate', '--config=configs/tiny.py',
+                           f'--workdir={tmp_path}/bad', '--config.eval.protocol=cris')
 
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    evaluate.restore_variables(config, str(tmp_path))
+    checkpointing.restore_variables(config, str(tmp_path))
   other = tiny_trained.config()
   other.model.num_queries = 2
   with pytest.raises(ValueError, match='another config'):
-    evaluate.restore_variables(other, workdir)
+    checkpointing.restore_variables(other, workdir)
   with pytest.raises(ValueError, match='step 7'):
-    evaluate.restore_variables(config, workdir, checkpoint='7')
+    checkpointing.restore_variables(config, workdir, checkpoint='7')
   with pytest.raises(ValueError, match='checkpoints/<step>'):
-    evaluate.restore_variables(config, workdir, checkpoint=str(tmp_path))
+    checkpointing.restore_variables(config, workdir, checkpoint=str(tmp_path))
   with pytest.raises(FileNotFoundError, match='no such checkpoint folder'):
-    evaluate.restore_variables(config, workdir, checkpoint=os.path.join(workdir, 'checkpoints', '9'))
+    checkpointing.restore_variables(config, workdir, checkpoint=os.path.join(workdir, 'checkpoints', '9'))
   with pytest.raises(ValueError, match='either'):
-    evaluate.restore_variables(config, workdir, checkpoint='2', best=True)
+    checkpointing.restore_variables(config, workdir, checkpoint='2', best=True)
   with pytest.raises(ValueError, match='validation mIoU'):  # trained without validation
-    evaluate.restore_variables(config, workdir, best=True)
+    checkpointing.restore_variables(config, workdir, best=True)
   with pytest.raises(ValueError, match='no split'):
-    evaluate.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
+    evaluation.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
 
   proc = finish(no_checkpoint)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
@@ -149,3 +164,41 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   [line] = error_lines(proc.stderr)
   assert line.startswith(f'error: the checkpoint at {workdir}/checkpoints/{tiny_trained.steps} '
                          'was written by another config')
+  proc = finish(bad_protocol)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert error_lines(proc.stderr) == [
+      "error: eval.protocol='cris': expected one of ['lavt', 'original']"]
+  assert not os.path.exists(tmp_path / 'bad' / 'data')
+
+
+def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthetic_records,
+                                                           tmp_path):
+  """Results go to one file per (step, dataset, data_dir, protocol): evaluating the same
+  checkpoint on another data_dir, or under another protocol, leaves the first file as it was."""
+  other_records = str(tmp_path / 'other_records')
+  shutil.copytree(synthetic_records, other_records)   # the same records, another data set's place
+  step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
+  workdir = str(tmp_path / 'run')
+  written = []
+  for data_dir, protocol in ((synthetic_records, 'original'), (other_records, 'original'),
+                             (synthetic_records, 'lavt')):
+    config = tiny_trained.config()
+    config.data.data_dir, config.eval.protocol = data_dir, protocol
+    _, results, path = evaluate.run(config, workdir, splits=['val'], checkpoint=step_dir)
+    with open(path) as f:
+      saved = json.load(f)
+    assert saved == {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': data_dir,
+                     'protocol': protocol, 'checkpoint': step_dir, 'splits': results}
+    if written:   # the first file is unchanged
+      with open(written[0][0]) as f:
+        assert f.read() == written[0][1]
+    with open(path) as f:
+      written.append((path, f.read()))
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == sorted(
+      os.path.basename(p) for p, _ in written)   # three files
+
+  # A file of the same name holding another checkpoint's results: an error before evaluating.
+  with open(written[0][0], 'w') as f:
+    json.dump({**json.loads(written[0][1]), 'checkpoint': '/elsewhere/checkpoints/2'}, f)
+  with pytest.raises(ValueError, match='holds the results of'):
+    evaluate.run(tiny_trained.config(), workdir, splits=['val'], checkpoint=step_dir)

@@ -202,7 +202,7 @@ def test_refs_per_image_bad_settings_are_clear_errors(config):
 def test_reader_threads_and_tokenizer_cache_do_not_change_the_batches(config, monkeypatch):
   """data.read_threads (grain.ReadOptions) and the per-sentence ids cache are speed only."""
   def batches(read_threads, cache_size):
-    monkeypatch.setattr(input_pipeline._Tokenize, 'CACHE_SIZE', cache_size)  # pylint: disable=protected-access
+    monkeypatch.setattr(input_pipeline.Tokenize, 'CACHE_SIZE', cache_size)
     c = config.copy_and_resolve_references()
     c.data.read_threads = read_threads
     it = _train(c, seed=3, batch_size=4)
@@ -220,7 +220,7 @@ def test_reader_threads_and_tokenizer_cache_do_not_change_the_batches(config, mo
 
 
 def test_tokenizer_cache_returns_the_tokenizers_ids_read_only(config):
-  tokenize = input_pipeline._tokenize(config)  # pylint: disable=protected-access
+  tokenize = input_pipeline._tokenize(config)
   from eavl_jax import hub  # pylint: disable=g-import-not-at-top
   tokenizer = hub.load_tokenizer(config.model.text_encoder)
   for text in ('the red circle', 'left small square', 'the red circle'):
@@ -231,4 +231,4 @@ def test_tokenizer_cache_returns_the_tokenizers_ids_read_only(config):
     np.testing.assert_array_equal(mask, want['attention_mask'])
     assert not ids.flags.writeable and not mask.flags.writeable
   assert tokenize('the red circle')[0] is tokenize('the red circle')[0]   # the cached arrays
-  assert len(tokenize._cache) == 2  # pylint: disable=protected-access
+  assert len(tokenize._cache) == 2

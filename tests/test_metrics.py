@@ -1,6 +1,7 @@
 """The metric code against pycocotools' maskUtils.iou, torch's bilinear resize and plain numpy."""
 import jax
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 import pytest
 import torch
@@ -202,6 +203,67 @@ def test_evaluate_loader_diversity_counts_valid_samples_only():
   # A predict_fn returning bare logits: the same metrics, no diversity figures.
   got = metrics.evaluate_loader(lambda g: logits, ListLoader(batches), mesh=mesh)
   assert got.keys() == set(metrics.METRIC_KEYS) | {'samples'}
+
+
+def pil_nearest(mask, size):
+  """(H, W) bool -> (size, size) uint8 {0, 1}: PIL's nearest-neighbour resize, the resize of the
+  ground truth in LAVT's test (torchvision on a PIL image) and in our eval pipeline."""
+  return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST))
+
+
+def coco_iou(pred, gt):
+  """pycocotools' IoU of two bool masks; an empty union counts 0 (LAVT's rule)."""
+  if not (pred | gt).any():
+    return 0.0
+  rle = lambda a: mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))
+  return float(mask_utils.iou([rle(pred)], [rle(gt)], [0])[0, 0])
+
+
+def test_protocols_on_a_thin_object_that_vanishes_at_the_input_size():
+  s, rng = 16, np.random.default_rng(5)
+  line = np.zeros((40, 32), bool)
+  line[10, 4:28] = True    # one row: PIL's nearest 40 -> 16 keeps rows 1, 3, 6, 8, 11, ... only
+  blob = np.zeros((37, 45), bool)
+  blob[8:28, 5:21] = True
+  gts = [line, blob, rng.random((21, 30)) < 0.3, rng.random((33, CANVAS)) < 0.5]
+  logits = rng.normal(size=(len(gts), s // 4, s // 4)).astype(np.float32)   # (B, S/4, S/4)
+  logits[0] = -3.0
+  logits[0, 1] = 3.0       # a band over the line: rows 10 ... 19 of the original 40
+  n = len(gts)
+  batch = {'image': np.zeros((n, s, s, 3), np.float32), 'input_ids': np.zeros((n, 4), np.int32),
+           'attention_mask': np.ones((n, 4), np.int32), 'mask_orig': on_canvas(gts),
+           'orig_size': np.array([g.shape for g in gts], np.int32),
+           'mask': np.stack([pil_nearest(g, s) for g in gts]), 'valid': np.ones(n, bool)}
+  assert batch['mask'][0].sum() == 0 and batch['mask'][1].sum() > 0   # the line has vanished
+  # References: torch's bilinear resize (half-pixel), logit > 0, at each protocol's size.
+  references = {
+      'original': [(torch_upsample(x, g.shape), g) for x, g in zip(logits, gts)],
+      'lavt': [(torch_upsample(x, (s, s)), m > 0) for x, m in zip(logits, batch['mask'])]}
+  mesh = sharding.make_mesh(base.get_config().mesh)
+  got = {}
+  for protocol, pairs in references.items():
+    assert all(np.abs(up).min() > 1e-4 for up, _ in pairs)   # no pixel whose sign could flip
+    pairs = [(up > 0, gt) for up, gt in pairs]
+    references[protocol] = pairs
+    got[protocol] = metrics.evaluate_loader(lambda g: logits, ListLoader([batch]), mesh=mesh,
+                                            protocol=protocol)
+    ref = numpy_summary([(np.sum(p & g), np.sum(p | g)) for p, g in pairs])
+    for key, value in ref.items():
+      assert got[protocol][key] == pytest.approx(value, abs=1e-12), (protocol, key)
+    assert got[protocol]['mIoU'] == pytest.approx(np.mean([coco_iou(p, g) for p, g in pairs]))
+  # The right answers differ: at the original size the band finds the line (24 of its 10 x 32
+  # pixels); at 16² the line is gone, and the band is all error.
+  assert coco_iou(*references['original'][0]) == pytest.approx(24 / 320)
+  assert coco_iou(*references['lavt'][0]) == 0.0
+  assert got['original']['mIoU'] != pytest.approx(got['lavt']['mIoU'])
+  assert got['original']['oIoU'] != pytest.approx(got['lavt']['oIoU'])
+
+
+def test_unknown_protocol_is_one_clear_error():
+  with pytest.raises(ValueError, match=r"eval.protocol='cris': expected one of \['lavt', "):
+    metrics.check_protocol('cris')
+  with pytest.raises(ValueError, match='logits_on_canvas'):
+    metrics.evaluate_loader(None, [], mesh=None, logits_on_canvas=True, protocol='lavt')
 
 
 def test_num_eval_batches():

@@ -12,24 +12,24 @@ import pytest
 from configs import tiny
 from eavl_jax import checkpointing
 from eavl_jax import optim
-from eavl_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
-def train(workdir, data_dir, *overrides, kill_after=None, term_after=None):
+def train(workdir, data_dir, *overrides, sigkill_during=None, sigterm_during=None):
+  """`python -m eavl_jax.train`, or tests/train_with_faults.py for a fault at a known step."""
   # Bit-exact runs need deterministic kernels: XLA:CPU's multi-threaded Eigen reductions may sum
   # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true). Every run
   # here compiles the same programs, so all but the first hit the session's compilation cache.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
-  for name, step in ((trainer.KILL_AFTER_STEP_ENV, kill_after),
-                     (trainer.TERM_AFTER_STEP_ENV, term_after)):
-    env.pop(name, None)
-    if step is not None:
-      env[name] = str(step)
-  args = [sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
+  program = ['eavl_jax.train']
+  if sigkill_during is not None or sigterm_during is not None:
+    program = ['tests.train_with_faults']
+    program += [f'--sigkill_during_step={sigkill_during}'] if sigkill_during is not None else []
+    program += [f'--sigterm_during_step={sigterm_during}'] if sigterm_during is not None else []
+  args = [sys.executable, '-m', *program, '--config=configs/tiny.py',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={STEPS}', '--config.train.checkpoint_every_steps=2',
           '--config.train.log_every_steps=1', '--config.train.eval_every_steps=0',
@@ -79,7 +79,7 @@ def assert_same_run(workdir, uninterrupted):
 
 def test_kill_9_and_restart_equals_uninterrupted_run(uninterrupted, synthetic_records, tmp_path):
   killed = str(tmp_path / 'killed')
-  proc = train(killed, synthetic_records, kill_after=3)   # SIGKILL right after step 3
+  proc = train(killed, synthetic_records, sigkill_during=4)   # a crash in step 4: 3 are done
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert checkpointing.make_manager(killed, read_only=True).all_steps() == [2]
   assert sorted(logged_losses(killed)) == [1, 2, 3]
@@ -119,7 +119,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(uninterrupted, synthetic_record
   """Preemption: SIGTERM during step 3 (off the every-2-steps schedule) -> that step is saved and
   the process exits 0; a restart goes on from it and ends as the uninterrupted run."""
   workdir = str(tmp_path / 'preempted')
-  proc = train(workdir, synthetic_records, term_after=3)
+  proc = train(workdir, synthetic_records, sigterm_during=3)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert checkpointing.make_manager(workdir, read_only=True).all_steps() == [2, 3]
   assert 'preempted: checkpoint of step 3 saved' in proc.stdout

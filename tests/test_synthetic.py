@@ -11,6 +11,9 @@ from pycocotools import coco as coco_api
 import pytest
 
 from data_prep import synthetic
+from tools import synthetic_ceiling
+from tools import synthetic_errors
+from tools import synthetic_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,10 +29,10 @@ def _load(out):
 
 
 def _run_tool(module, tiny_trained, synthetic_raw, *flags):
-  """`python -m data_prep.<module>` on the tiny trained model and its raw data."""
+  """`python -m tools.<module>` on the tiny trained model and its raw data."""
   c = tiny_trained.config()
   return subprocess.run(
-      [sys.executable, '-m', f'data_prep.{module}', '--config=configs/tiny.py',
+      [sys.executable, '-m', f'tools.{module}', '--config=configs/tiny.py',
        f'--config.data.data_dir={c.data.data_dir}', f'--workdir={tiny_trained.workdir}',
        f'--raw_dir={synthetic_raw}', *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
@@ -126,7 +129,6 @@ def test_parse_rejects_text_outside_the_grammar():
 
 
 def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
-  from data_prep import synthetic_errors  # pylint: disable=g-import-not-at-top
   assert synthetic_errors.family(synthetic.parse('the leftmost red square')) == (
       'superlative / position (position: colour+kind)')
   assert synthetic_errors.family(synthetic.parse('the largest shape')) == (
@@ -151,7 +153,6 @@ def test_error_breakdown_runs_on_a_trained_model(tiny_trained, synthetic_raw):
 
 
 def test_selects_target_is_the_best_overlapping_shape():
-  from data_prep import synthetic_errors  # pylint: disable=g-import-not-at-top
   shapes = [np.zeros((8, 8), bool) for _ in range(3)]
   shapes[0][:2, :2] = shapes[1][4:, 4:] = shapes[2][:2, 5:] = True
   pred = shapes[1].copy()
@@ -165,7 +166,6 @@ def test_selects_target_is_the_best_overlapping_shape():
 
 
 def test_probe_accuracy_separable_and_random_labels():
-  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   labels = list(rng.integers(0, 3, 400))
   separable = np.eye(3)[labels] + 0.1 * rng.normal(size=(400, 3))
@@ -176,7 +176,6 @@ def test_probe_accuracy_separable_and_random_labels():
 
 
 def test_expression_labels_name_what_the_expression_says():
-  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
   assert synthetic_probe.expression_labels('the small red circle') == {
       'colour': 'red', 'kind': 'circle', 'size': 'small', 'extreme': 'none', 'relation': 'none'}
   assert synthetic_probe.expression_labels('the leftmost shape') == {
@@ -186,7 +185,6 @@ def test_expression_labels_name_what_the_expression_says():
 
 
 def test_attention_spread_uniform_and_distinct_queries():
-  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
   text_mask = np.array([[1, 1, 1, 1, 0, 0]])                # 4 words, 2 padding
   uniform = np.zeros((1, 3, 6))
   uniform[:, :, :4] = 0.25                                  # three identical uniform queries
@@ -197,7 +195,6 @@ def test_attention_spread_uniform_and_distinct_queries():
 
 
 def test_positive_channels_counts_channels_positive_anywhere():
-  from data_prep import synthetic_probe  # pylint: disable=g-import-not-at-top
   a = np.zeros((2, 3, 4, 5))
   a[1, 2, 3, 0] = 0.5            # channel 0 positive at one position of one sample
   a[0, 0, 0, 3] = 2.0            # channel 3 too
@@ -232,7 +229,6 @@ def test_probe_runs_on_a_trained_model(tiny_trained, synthetic_raw):
 
 
 def test_upsampled_map_ceiling_exact_for_cell_aligned_masks_and_falls_with_resolution():
-  from data_prep import synthetic_ceiling  # pylint: disable=import-outside-toplevel
   aligned = np.zeros((32, 32), np.uint8)
   aligned[8:24, 8:24] = 1          # whole 4x4 cells of an 8² map
   assert synthetic_ceiling.upsampled_iou(aligned, 32, 'area') == 1.0

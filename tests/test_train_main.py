@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from eavl_jax import train
+from eavl_jax import malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({'GLIBC_TUNABLES': ''}, 'glibc 2.36', 'madvise', False),   # the user's choice, or done
 ])
 def test_malloc_tunables_wanted(environ, glibc, thp, wanted):
-  assert train.malloc_tunables_wanted(environ, glibc, thp) is wanted
+  assert malloc.malloc_tunables_wanted(environ, glibc, thp) is wanted
 
 
 def test_entry_point_restarts_with_the_tunables(tmp_path):
@@ -32,8 +32,8 @@ def test_entry_point_restarts_with_the_tunables(tmp_path):
           f'--workdir={tmp_path}', f'--config.data.data_dir={tmp_path}/no_such_data',
           '--config.train.num_steps=1']
   out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  expected = (train.MALLOC_TUNABLES
-              if train.malloc_tunables_wanted(env, *train.host_facts()) else 'None')
+  expected = (malloc.MALLOC_TUNABLES
+              if malloc.malloc_tunables_wanted(env, *malloc.host_facts()) else 'None')
   assert f'GLIBC_TUNABLES={expected}' in out.stderr, out.stderr[-2000:]
 
   env['GLIBC_TUNABLES'] = 'glibc.malloc.check=0'
@@ -61,8 +61,9 @@ def test_synthetic_data_of_another_config_is_not_reused(tmp_path):
   assert prepared.data.data_dir == str(tmp_path / 'data' / 'tfds')
 
 
-def test_training_with_k_refs_per_image_runs_end_to_end(synthetic_records, tmp_path):
-  """data.refs_per_image=2 through train_and_evaluate: loader, sharded step, checkpoint, eval."""
+def test_training_with_k_refs_per_image_runs_end_to_end(synthetic_records, tmp_path, capfd):
+  """data.refs_per_image=2 through train_and_evaluate: loader, sharded step, checkpoint, eval;
+  the last validation table is printed once."""
   from configs import tiny   # pylint: disable=g-import-not-at-top
   from eavl_jax import checkpointing   # pylint: disable=g-import-not-at-top
   from eavl_jax import trainer   # pylint: disable=g-import-not-at-top
@@ -74,7 +75,10 @@ def test_training_with_k_refs_per_image_runs_end_to_end(synthetic_records, tmp_p
   config.train.log_every_steps = 1
   config.train.eval_every_steps = 2
   config.train.checkpoint_every_steps = 2
+  capfd.readouterr()
   result = trainer.train_and_evaluate(config, str(tmp_path))
+  tables = capfd.readouterr().out.count('validation on val (')
+  assert tables == 1, f'the validation table of step 2 printed {tables} times'
   with open(tmp_path / 'metrics.jsonl') as f:
     records = [json.loads(line) for line in f]
   losses = [r['train/loss'] for r in records if 'train/loss' in r]
@@ -82,6 +86,11 @@ def test_training_with_k_refs_per_image_runs_end_to_end(synthetic_records, tmp_p
   assert 0 <= result['mIoU'] <= 100
   _, step = checkpointing.restore_for_eval(config, str(tmp_path))
   assert step == 2
+  # Started again at the end: no step to run; it evaluates what is there and prints that once.
+  again = trainer.train_and_evaluate(config, str(tmp_path))
+  out = capfd.readouterr().out
+  assert out.count('validation on val (') == 1 and 'step 2)' in out
+  assert again['mIoU'] == result['mIoU']
   config.train.global_batch_size = 3   # not a multiple of refs_per_image: one clear error
   with pytest.raises(ValueError, match='refs_per_image=2 does not divide the 3 expressions'):
     trainer.train_and_evaluate(config, str(tmp_path / 'bad'))

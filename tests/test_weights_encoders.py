@@ -18,7 +18,7 @@ from eavl_jax.weights import report
 
 def _config(tmp_path):
   """configs/tiny.py with a timm Swin of its sizes (random, timm layout) and the real
-  MiniLM BERT (6 layers, width 384; build_model takes these sizes from its config.json)."""
+  MiniLM BERT (6 layers, width 384, the sizes of its config.json: see _random_params)."""
   m = tiny.get_config().model
   v = m.vision_encoder
   torch.manual_seed(0)
@@ -35,7 +35,7 @@ def _config(tmp_path):
 
 
 def _random_params(model_config):
-  model = eavl.build_model(model_config)
+  model = eavl.build_model(weights.with_checkpoint_text_sizes(model_config))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              *eavl.dummy_inputs(model_config, 1))['params'])
   rng = np.random.RandomState(0)

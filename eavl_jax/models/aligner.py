@@ -1,6 +1,10 @@
 """Vision-language aligner (eq. 11-14): multi-mask generator, multi-query estimator, weighted sum.
 
 mode='fixed' is the ablation of table III: one learned 3x3 kernel over F_p, no queries in the head.
+
+Any head can call it with its own mask features and queries: EAVL gives the decoder's F_s at 1/16
+(upsample_features=True: eq. 11's F_p = Up(Conv(Up(F_s)))); a host model whose decoder already
+ends at 1/4 (LAVT, models/lavt.py) gives that map (upsample_features=False: F_p = Conv(F)).
 """
 import flax.linen as nn
 import jax
@@ -21,15 +25,18 @@ class Aligner(nn.Module):
   feature_activation: str = 'none'  # on F_p after its conv: eq. 11 has none
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
+  upsample_features: bool = True    # eq. 11's two Up(.): the input is at 1/16; False: at 1/4
 
   @nn.compact
   def __call__(self, f_s, f_q):
-    """f_s (B,H3,W3,C), f_q (B,N_q,C) -> dict(logits (B,4H3,4W3), masks (B,N,4H3,4W3), scores (B,N))."""
+    """f_s (B,H3,W3,C_in) (upsample_features; else (B,4H3,4W3,C_in)), f_q (B,N_q,C)
+    -> dict(logits (B,4H3,4W3), masks (B,N,4H3,4W3), scores (B,N))."""
     c_p = self.hidden_dim // 2
-    f_p = layers.upsample2x(f_s)
+    up = layers.upsample2x if self.upsample_features else lambda x: x
+    f_p = up(f_s)
     f_p = nn.Conv(c_p, (3, 3), padding='SAME', dtype=self.dtype, name='mask_conv')(f_p)
     f_p = ACTIVATIONS[self.feature_activation](f_p)
-    f_p = layers.upsample2x(f_p)                                    # eq. 11: F_p (B, 4H3, 4W3, C_p)
+    f_p = up(f_p)                                                   # eq. 11: F_p (B, 4H3, 4W3, C_p)
     b = f_p.shape[0]
 
     if self.mode == 'fixed':

@@ -14,11 +14,13 @@ from eavl_jax.models import bert
 from eavl_jax.models import decoder as decoder_lib
 from eavl_jax.models import dynamic_conv
 from eavl_jax.models import layers
+from eavl_jax.models import lavt
 from eavl_jax.models import neck as neck_lib
 from eavl_jax.models import query_generator as query_generator_lib
 from eavl_jax.models import swin
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODEL_NAMES = ('eavl', 'lavt')   # model.name: what build_model makes
 # Swin downsamples by 32 and the neck upsamples F_v4 by 2 onto F_v3's grid: the size must divide.
 IMAGE_SIZE_MULTIPLE = 32
 
@@ -27,6 +29,8 @@ def validate_config(m):
   """Raises ValueError naming the field for a model config that cannot be built."""
   def fail(field, value, why):
     raise ValueError(f'model.{field}={value!r}: {why}')
+  if m.name not in MODEL_NAMES:
+    fail('name', m.name, f'must be one of {MODEL_NAMES}')
   if m.image_size <= 0 or m.image_size % IMAGE_SIZE_MULTIPLE:
     fail('image_size', m.image_size, f'must be a positive multiple of {IMAGE_SIZE_MULTIPLE}')
   if m.num_queries < 1:
@@ -133,10 +137,13 @@ class EAVL(nn.Module):
                        f'{self.config.text_encoder.max_position_embeddings}')
 
 
-def build_model(model_config) -> EAVL:
-  from eavl_jax import weights  # pylint: disable=g-import-not-at-top
-  model_config = weights.with_checkpoint_text_sizes(model_config)  # BERT sizes from config.json
+def build_model(model_config) -> nn.Module:
+  """The model of `model_config` as given: with a pretrained BERT, the caller first takes the
+  text-encoder sizes from its config.json (weights.with_checkpoint_text_sizes)."""
   validate_config(model_config)
+  if model_config.name == 'lavt':   # LAVT, its fixed head or the aligner (docs/lavt.md)
+    lavt.validate_config(model_config)
+    return lavt.LAVT(ml_collections.FrozenConfigDict(model_config))
   return EAVL(ml_collections.FrozenConfigDict(model_config))
 
 

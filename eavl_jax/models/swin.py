@@ -6,7 +6,8 @@ weights give the same stage maps:
   stage i - 1, the loader moves it);
 - a block whose map is not larger than the window uses a window the size of the map and no shift;
 - a shifted block rolls the map first, then pads it at the bottom/right to a multiple of the window,
-  and builds the shift mask on the padded size (timm's order; Hugging Face pads before rolling);
+  and builds the shift mask on the padded size (timm's order; Hugging Face, mmseg and LAVT pad
+  before rolling: `pad_before_shift=True`);
 - the stage outputs are returned raw: no norm of our own, and not the classifier's final `norm`.
 
 Parameter names follow timm's (patch_embed/proj, layers_i/downsample/reduction,
@@ -169,6 +170,9 @@ class SwinBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  # False: timm's order (roll, then pad). True: the detection / segmentation Swin's (mmseg, LAVT;
+  # Hugging Face's too): pad to a multiple of the window, then roll the padded map.
+  pad_before_shift: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,17 +180,24 @@ class SwinBlock(nn.Module):
     window, shift = clamp_window((h, w), self.window_size,
                                  self.window_size // 2 if self.shifted else 0)
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm1')(x)
+    pad_h, pad_w = (-h) % window[0], (-w) % window[1]
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    if self.pad_before_shift:
+      y = pad(y)
     if any(shift):
       y = jnp.roll(y, (-shift[0], -shift[1]), axis=(1, 2))
-    pad_h, pad_w = (-h) % window[0], (-w) % window[1]
-    y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))  # after the roll, as timm does
+    if not self.pad_before_shift:
+      y = pad(y)  # after the roll, as timm does
     hp, wp = h + pad_h, w + pad_w
     mask = jnp.asarray(shift_mask((hp, wp), window, shift)) if any(shift) else None
     y = WindowAttention(self.num_heads, self.window_size, self.dtype, name='attn')(
         window_partition(y, window), window, mask)  # (B*nW, wh*ww, C)
-    y = window_reverse(y, window, b, hp, wp)[:, :h, :w]
+    y = window_reverse(y, window, b, hp, wp)
+    if not self.pad_before_shift:
+      y = y[:, :h, :w]
     if any(shift):
       y = jnp.roll(y, shift, axis=(1, 2))
+    y = y[:, :h, :w]
     x = x + DropPath(self.drop_path, name='drop_path1')(y, train)
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm2')(x)
     y = Mlp(int(c * self.mlp_ratio), self.dtype, name='mlp')(y)
@@ -254,6 +265,7 @@ class SwinStage(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   remat: bool = False
+  pad_before_shift: bool = False  # SwinBlock's
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -262,7 +274,8 @@ class SwinStage(nn.Module):
     block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
     for j in range(self.depth):
       x = block(self.num_heads, self.window_size, shifted=j % 2 == 1, mlp_ratio=self.mlp_ratio,
-                drop_path=self.drop_path[j], dtype=self.dtype, name=f'blocks_{j}')(x, train)
+                drop_path=self.drop_path[j], dtype=self.dtype,
+                pad_before_shift=self.pad_before_shift, name=f'blocks_{j}')(x, train)
     return x
 
 
@@ -277,9 +290,13 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  pad_before_shift: bool = False  # SwinBlock's
 
   @nn.compact
-  def __call__(self, images, train: bool = False) -> Tuple[jnp.ndarray, ...]:
+  def __call__(self, images, train: bool = False, between_stages=None) -> Tuple[jnp.ndarray, ...]:
+    """between_stages: None, or fn(i, x) -> (the input of stage i + 1, stage i's output), called on
+    stage i's map after its blocks (LAVT's pixel-word attention and gate, models/lavt.py); its
+    modules belong to the caller. None: each stage's map is both."""
     _, h, w, _ = images.shape
     if h % self.patch_size or w % self.patch_size:
       raise ValueError(f'Swin input {h}x{w} is not a multiple of the patch size {self.patch_size}')
@@ -290,8 +307,12 @@ class SwinTransformer(nn.Module):
       start = sum(self.depths[:i])
       x = SwinStage(depth, self.num_heads[i], self.window_size, downsample=i > 0,
                     drop_path=tuple(rates[start:start + depth]), mlp_ratio=self.mlp_ratio,
-                    dtype=self.dtype, remat=self.remat, name=f'layers_{i}')(x, train)
-      outputs.append(x)  # (B, H/2^(i+2), W/2^(i+2), 2^i C)
+                    dtype=self.dtype, remat=self.remat, pad_before_shift=self.pad_before_shift,
+                    name=f'layers_{i}')(x, train)
+      out = x  # (B, H/2^(i+2), W/2^(i+2), 2^i C)
+      if between_stages is not None:
+        x, out = between_stages(i, x)
+      outputs.append(out)
     return tuple(outputs)
 
 

@@ -93,10 +93,10 @@ def bert_config_from_checkpoint(spec: str) -> dict:
 
 
 def with_checkpoint_text_sizes(model_config):
-  """`model_config` (unchanged) or, when text_encoder.pretrained is set, a copy whose
+  """`model_config` (unchanged) or, when text_encoder.pretrained names a checkpoint, a copy whose
   text_encoder architecture fields are those of the checkpoint's config.json."""
   spec = model_config.text_encoder.pretrained
-  if not spec:
+  if not hub.names_checkpoint(spec):   # '' or 'scratch': the declared sizes
     return model_config
   try:
     sizes = read_config(hub.resolve_folder(spec, download=False))

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top  (.safetensors files only)
   try:
     return dict(safetensors_numpy.load_file(path))
   except Exception as e:  # pylint: disable=broad-except
@@ -18,7 +18,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 def read_torch(path: str) -> Dict[str, np.ndarray]:
   """A torch pickle (.pth / .bin / .pt) -> numpy; {'model' | 'state_dict': sd} is unwrapped."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional: only to read torch pickles)
   except ImportError as e:
     raise ValueError(f'{path} is a PyTorch file and torch is not installed: install torch, or '
                      'convert the weights once where it is (python -m eavl_jax.convert) and point '

@@ -1,6 +1,6 @@
 """What a trained model's vision encoder knows of the synthetic shapes: linear probes.
 
-  python -m data_prep.synthetic_probe --config=configs/synthetic.py --workdir=DIR
+  python -m tools.synthetic_probe --config=configs/synthetic.py --workdir=DIR
       [--checkpoint=STEP | --checkpoint=init] [--images=1200] [--raw_dir=<workdir>/data/raw]
 
 For every shape of the first --images images, the features of the S/8 and S/16 cells under its
@@ -39,6 +39,14 @@ import numpy as np
 from ml_collections import config_flags
 import optax
 from PIL import Image
+
+from data_prep import synthetic
+from eavl_jax import checkpointing
+from eavl_jax import errors
+from eavl_jax import input_pipeline
+from eavl_jax import trainer
+from eavl_jax.models import eavl
+from eavl_jax.models import layers
 
 FLAGS = flags.FLAGS
 LEVELS = {'S/8': 'vision_norm_2', 'S/16': 'vision_norm_3'}
@@ -83,8 +91,6 @@ def probe_accuracy(features, labels, train_share=0.75, steps=500, l2=1e-3):
 
 def shape_features(config, variables, raw_dir, num_images, batch_size=50):
   """-> ({level: (N, D)}, {attribute: [N values]}) for the shapes of the first images."""
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   with open(os.path.join(raw_dir, 'synthetic', 'instances.json')) as f:
     instances = json.load(f)
   kinds = {c['id']: c['name'] for c in instances['categories']}
@@ -142,8 +148,6 @@ def attention_spread(attention, text_mask):
 
 def word_attention(config, variables, split, max_batches=10):
   """-> (A (N, N_q, L), text masks (N, L)) of the model on `split`'s first batches."""
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   model = eavl.build_model(config.model)
 
   @jax.jit
@@ -173,9 +177,6 @@ def positive_channels(activations):
 
 def live_units(config, variables, split, max_batches=3):
   """-> {module path: (live channels, channels)} of every ReLU projection, on `split`."""
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import layers  # pylint: disable=g-import-not-at-top
   model = eavl.build_model(config.model)
 
   @jax.jit
@@ -204,7 +205,6 @@ def live_units(config, variables, split, max_batches=3):
 
 def expression_labels(text):
   """The attributes an expression of the synthetic grammar names ('none' where it names none)."""
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   e = synthetic.parse(text)
   return {'colour': e.target.colour or 'none', 'kind': e.target.kind or 'none',
           'size': e.target.size or 'none', 'extreme': e.extreme or 'none',
@@ -213,8 +213,6 @@ def expression_labels(text):
 
 def text_code(config, variables, raw_dir, splits):
   """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}), every expression of `splits`."""
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   model = eavl.build_model(config.model)
   with open(os.path.join(raw_dir, 'synthetic', 'refs(unc).p'), 'rb') as f:
     texts = {r['ref_id']: [t['sent'] for t in r['sentences']] for r in pickle.load(f)}
@@ -246,9 +244,6 @@ def text_code(config, variables, raw_dir, splits):
 
 def main(argv):
   del argv
-  from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
@@ -257,9 +252,9 @@ def main(argv):
         jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))
   else:
     try:
-      variables, _ = evaluate.restore_variables(config, FLAGS.workdir, FLAGS.checkpoint)
+      variables, _ = checkpointing.restore_variables(config, FLAGS.workdir, FLAGS.checkpoint)
     except (ValueError, FileNotFoundError) as e:     # no such step, another config: one line
-      sys.exit(evaluate.error_message(e))
+      sys.exit(errors.error_message(e))
   raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
   features, attributes = shape_features(config, variables, raw, FLAGS.images)
   print(f'linear probes of the vision features at shape centres ({len(attributes["kind"])} '

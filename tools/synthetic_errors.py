@@ -1,6 +1,6 @@
 """Where a model trained on the synthetic task errs: val IoU by kind of expression and target size.
 
-  python -m data_prep.synthetic_errors --config=configs/synthetic.py --workdir=DIR
+  python -m tools.synthetic_errors --config=configs/synthetic.py --workdir=DIR
       [--checkpoint=STEP] [--split=val] [--raw_dir=<workdir>/data/raw]
 
 Every expression of the split is predicted once (the evaluation's own loader and metrics); its
@@ -26,6 +26,13 @@ from ml_collections import config_flags
 from pycocotools import coco as coco_api
 
 from data_prep import synthetic
+from eavl_jax import checkpointing
+from eavl_jax import errors
+from eavl_jax import input_pipeline
+from eavl_jax import metrics
+from eavl_jax import sharding
+from eavl_jax import trainer
+from eavl_jax.models import eavl
 
 FLAGS = flags.FLAGS
 NAME_WIDTH = 56   # the printed table's first column
@@ -56,14 +63,7 @@ def family(expr):
 
 def per_expression_iou(config, workdir, checkpoint, split):
   """-> [(ref_id, sentence_index, IoU, predicted mask (H, W) bool)] for every expression."""
-  # pylint: disable=g-import-not-at-top
-  from eavl_jax import evaluate
-  from eavl_jax import input_pipeline
-  from eavl_jax import metrics
-  from eavl_jax import sharding
-  from eavl_jax import trainer
-  from eavl_jax.models import eavl
-  variables, _ = evaluate.restore_variables(config, workdir, checkpoint)
+  variables, _ = checkpointing.restore_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh(config.mesh)
   predict = trainer.make_predict_fn(eavl.build_model(config.model))
   loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
@@ -91,8 +91,6 @@ def selects_target(pred, shape_masks, target):
 
 def main(argv):
   del argv
-  from eavl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
@@ -107,7 +105,7 @@ def main(argv):
   try:
     rows = per_expression_iou(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split)
   except (ValueError, FileNotFoundError) as e:     # no such step, another config: one line
-    sys.exit(evaluate.error_message(e))
+    sys.exit(errors.error_message(e))
   groups = collections.defaultdict(list)
   for ref_id, j, iou, pred in rows:
     image_id, ann_id = ref_object[ref_id]

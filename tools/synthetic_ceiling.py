@@ -1,6 +1,6 @@
 """How well can a low-resolution map describe the synthetic task's masks at all?
 
-  python -m data_prep.synthetic_ceiling [--num_images=150] [--seed=0]
+  python -m tools.synthetic_ceiling [--num_images=150] [--seed=0]
 
 EAVL's logits are a (S/4)² map, upsampled bilinearly to the image and thresholded at 0 for
 evaluation (docs/evaluation.md); the map itself is a 3x3 convolution over F_p = Up(Conv(Up(F_s))), so its

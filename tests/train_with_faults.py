@@ -1,0 +1,65 @@
+"""`python -m eavl_jax.train` with a fault at a known step, for tests/test_resume.py:
+
+  python -m tests.train_with_faults --sigkill_during_step=4 --config=... --workdir=...
+  python -m tests.train_with_faults --sigterm_during_step=3 --config=... --workdir=...
+
+The training loop holds no test code: this runner wraps two functions of the library, then runs
+train.main. --sigkill_during_step=N: while step N runs (the steps before it logged), the process
+waits for the checkpoint saves started so far and kills itself with SIGKILL, as a crash would (no
+handler, no clean-up); step N is lost. --sigterm_during_step=N: a SIGTERM, the notice of a
+preemption, arrives while step N runs, at a known step rather than at a racing moment.
+Both act at the trainer's per-step preemption check, which receives the step number.
+"""
+import os
+import signal
+
+from absl import app
+from absl import flags
+import jax
+
+from eavl_jax import checkpointing
+from eavl_jax import train
+from eavl_jax import trainer
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_integer('sigkill_during_step', None, 'SIGKILL this process while this step runs.')
+  flags.DEFINE_integer('sigterm_during_step', None, 'SIGTERM this process while this step runs.')
+
+
+def inject_faults(sigkill_step, sigterm_step):
+  """Wraps checkpointing.make_manager (to find the run's manager) and the trainer's preemption
+  check (called once per step with the step number) so that the faults happen there."""
+  managers = []
+  make_manager = checkpointing.make_manager
+  reached = trainer._Preemption.reached  # pylint: disable=protected-access
+
+  def recording_make_manager(*args, **kwargs):
+    manager = make_manager(*args, **kwargs)
+    managers.append(manager)
+    return manager
+
+  def reached_with_faults(preemption, step):
+    if step == sigkill_step:
+      managers[-1].wait_until_finished()   # the saves so far are on disk, as after a slow crash
+      os.kill(os.getpid(), signal.SIGKILL)
+    if step == sigterm_step:
+      os.kill(os.getpid(), signal.SIGTERM)   # the trainer's handler runs before `reached` reads it
+    return reached(preemption, step)
+
+  checkpointing.make_manager = recording_make_manager
+  trainer._Preemption.reached = reached_with_faults  # pylint: disable=protected-access
+
+
+def main(argv):
+  inject_faults(FLAGS.sigkill_during_step, FLAGS.sigterm_during_step)
+  train.main(argv)
+
+
+if __name__ == '__main__':
+  train.define_flags()
+  define_flags()
+  jax.config.config_with_absl()
+  app.run(main)
