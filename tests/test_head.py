@@ -35,7 +35,7 @@ def test_word_attention_and_queries_equal_eq_9_10(use_global_vision, scale):
   f_vg, f_t = rng.normal(size=(b, 20)).astype(np.float32), rng.normal(size=(b, l, c)).astype(
       np.float32)
   text_mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.int32)
-  module = query_generator.QueryGenerator(c, n, use_global_vision, scale)
+  module = query_generator.QueryGenerator(c, n, use_global_vision, scale, 'none', False)
   inputs = (f_v2, f_v3, f_v4, f_vg, f_t, text_mask)
   variables = module.init(jax.random.key(0), *inputs)
   f_q, state = module.apply(variables, *inputs, capture_intermediates=True,
@@ -83,7 +83,7 @@ def test_masks_equal_eq_11_12_14(kernel_activation):
   rng = np.random.default_rng(1)
   f_s = rng.normal(size=(b, 4, 4, c)).astype(np.float32)
   f_q = rng.normal(size=(b, n, c)).astype(np.float32)
-  module = aligner.Aligner(c, estimator_heads=2, kernel_activation=kernel_activation)
+  module = aligner.Aligner(c, 'aligner', True, 2, kernel_activation, 'none', 'auto')
   variables = module.init(jax.random.key(0), f_s, f_q)
   out = module.apply(variables, f_s, f_q)
   p = variables['params']

@@ -120,17 +120,17 @@ def test_head_modules_standalone_shapes():
       lambda: module.apply(module.init(jax.random.key(0), *args), *args))
   f_v2, f_v3, f_v4 = (jnp.ones(s) for s in ((b, 16, 16, 8), (b, 8, 8, 12), (b, 4, 4, 20)))
   f_tg, f_vg = jnp.ones((b, 24)), jnp.ones((b, 20))
-  assert shaped(neck.FusionNeck(c), f_v2, f_v3, f_v4, f_tg).shape == (b, 8, 8, c)
-  assert shaped(neck.FusionNeck(c), f_v2, f_v3, f_v4).shape == (b, 8, 8, c)
+  assert shaped(neck.FusionNeck(c, 'none', False), f_v2, f_v3, f_v4, f_tg).shape == (b, 8, 8, c)
+  assert shaped(neck.FusionNeck(c, 'none', False), f_v2, f_v3, f_v4).shape == (b, 8, 8, c)
   f_t, text_mask = jnp.ones((b, l, c)), jnp.ones((b, l), jnp.int32)
-  assert shaped(query_generator.QueryGenerator(c, n), f_v2, f_v3, f_v4, f_vg, f_t,
+  assert shaped(query_generator.QueryGenerator(c, n, True, False, 'none', False), f_v2, f_v3, f_v4, f_vg, f_t,
                 text_mask).shape == (b, n, c)
   f_vt, f_q = jnp.ones((b, 64, c)), jnp.ones((b, n, c))
   assert shaped(decoder.Decoder(2, 2, 32, 0.0, False), f_vt, f_q, 8, 8).shape == (b, 8, 8, c)
   assert shaped(decoder.Decoder(2, 2, 32, 0.0, True), f_vt, f_q, 8, 8).shape == (b, 8, 8, c)
   f_s = jnp.ones((b, 8, 8, c))
   for mode, nq in (('aligner', n), ('fixed', 1)):
-    out = shaped(aligner.Aligner(c, mode=mode, estimator_heads=2), f_s, f_q)
+    out = shaped(aligner.Aligner(c, mode, True, 2, 'none', 'none', 'auto'), f_s, f_q)
     assert out['logits'].shape == (b, 32, 32)
     assert out['masks'].shape == (b, nq, 32, 32) and out['scores'].shape == (b, nq)
 
@@ -139,7 +139,7 @@ def test_head_modules_standalone_shapes():
 
 def test_aligner_hlo_holds_one_grouped_convolution_for_the_dynamic_kernels():
   b, c, n = 3, 16, 6
-  al = aligner.Aligner(c, conv_impl='vmap_conv', estimator_heads=2)
+  al = aligner.Aligner(c, 'aligner', True, 2, 'none', 'none', 'vmap_conv')
   f_s, f_q = jnp.ones((b, 4, 4, c)), jnp.ones((b, n, c))
   params = al.init(jax.random.key(0), f_s, f_q)
   hlo = jax.jit(al.apply).lower(params, f_s, f_q).compile().as_text()

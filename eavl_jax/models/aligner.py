@@ -18,12 +18,12 @@ ACTIVATIONS = {'none': lambda x: x, 'relu': nn.relu}
 
 class Aligner(nn.Module):
   hidden_dim: int             # C; the mask features have C_p = C / 2 channels
-  mode: str = 'aligner'
-  use_estimator: bool = True
-  estimator_heads: int = 8
-  kernel_activation: str = 'none'   # σ on F_pn (eq. 11)
-  feature_activation: str = 'none'  # on F_p after its conv: eq. 11 has none
-  conv_impl: str = 'auto'
+  mode: str                   # model.aligner.* (configs/base.py holds every default)
+  use_estimator: bool
+  estimator_heads: int
+  kernel_activation: str      # σ on F_pn (eq. 11)
+  feature_activation: str     # on F_p after its conv: eq. 11 has none
+  conv_impl: str
   dtype: jnp.dtype = jnp.float32
   upsample_features: bool = True    # eq. 11's two Up(.): the input is at 1/16; False: at 1/4
 

@@ -99,7 +99,7 @@ class EAVL(nn.Module):
     f_t = layers.Dense(c, dtype=dtype, name='text_proj')(hidden)        # F_t (B, L, C)
     cls = hidden[:, 0]                                              # [CLS] (B, H_bert)
 
-    f_inte = neck_lib.FusionNeck(c, m.head_norm, dtype, m.gates_open_at_init, name='neck')(
+    f_inte = neck_lib.FusionNeck(c, m.head_norm, m.gates_open_at_init, dtype, name='neck')(
         f_v2, f_v3, f_v4, cls if m.neck.use_global_text else None, train=train)  # eq. 2-5
     b, h3, w3, _ = f_inte.shape                                     # F_inte (B, H3, W3, C)
     f_vt = f_inte.reshape(b, h3 * w3, c)                            # F_vt (B, H3*W3, C)

@@ -10,9 +10,9 @@ from eavl_jax.models import layers
 
 class FusionNeck(nn.Module):
   hidden_dim: int             # C
-  norm: str = 'none'          # the head's norm inside each σ(XW): layers.HEAD_NORMS
+  norm: str                   # the head's norm inside each σ(XW): layers.HEAD_NORMS
+  gate_open_at_init: bool     # σ(F_tg W_tg) of eq. 2 starts at 1 (layers.ProjectReLU); eq. 6: unused
   dtype: jnp.dtype = jnp.float32
-  gate_open_at_init: bool = False  # σ(F_tg W_tg) of eq. 2 starts at 1 (layers.ProjectReLU)
 
   @nn.compact
   def __call__(self, f_v2, f_v3, f_v4, f_tg=None, train=False):

@@ -10,10 +10,10 @@ from eavl_jax.models import neck
 class QueryGenerator(nn.Module):
   hidden_dim: int             # C
   num_queries: int            # N_q
-  use_global_vision: bool = True
-  scale_word_attention: bool = False  # eq. 9 divided by sqrt(C): a departure, off by default
-  norm: str = 'none'          # the head's norm inside each σ(XW) and conv: layers.HEAD_NORMS
-  gate_open_at_init: bool = False  # σ(F_vg W_vg) of eq. 8 starts at 1 (layers.ProjectReLU)
+  use_global_vision: bool     # eq. 8 with F_vg (configs/base.py holds every default)
+  scale_word_attention: bool  # eq. 9 divided by sqrt(C): a departure
+  norm: str                   # the head's norm inside each σ(XW) and conv: layers.HEAD_NORMS
+  gate_open_at_init: bool     # σ(F_vg W_vg) of eq. 8 starts at 1 (layers.ProjectReLU)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -25,7 +25,7 @@ class QueryGenerator(nn.Module):
         lambda x: layers.ProjectReLU(feats, self.norm, self.dtype, name=name)(x, train, mask))
 
     # Dense vision features: the neck without F_tg (eq. 6), then three 3x3 convs to N_q maps (eq. 7).
-    dense = neck.FusionNeck(c, self.norm, self.dtype, name='dense_neck')(
+    dense = neck.FusionNeck(c, self.norm, False, self.dtype, name='dense_neck')(
         f_v2, f_v3, f_v4, train=train)
     for i, feats in enumerate((c, c)):
       dense = nn.Conv(feats, (3, 3), padding='SAME', dtype=self.dtype, name=f'reduce_{i}')(dense)
