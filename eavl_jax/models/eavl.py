@@ -71,7 +71,7 @@ class EAVL(nn.Module):
     gives the same outputs as K copies of the image at 1/K of the vision encoder's cost.
     """
     m = self.config
-    self._check_inputs(image, input_ids, attention_mask, refs_per_image)
+    layers.check_inputs(self.config, image, input_ids, attention_mask, refs_per_image)
     dtype = DTYPES[m.dtype]
     c = m.hidden_dim
     image = image.astype(dtype)
@@ -118,23 +118,6 @@ class EAVL(nn.Module):
     return aligner_lib.Aligner(c, a.mode, a.use_estimator, a.estimator_heads, a.kernel_activation,
                                a.feature_activation, a.conv_impl, dtype,
                                name='aligner')(f_s, f_q)            # eq. 11-14
-
-  def _check_inputs(self, image, input_ids, attention_mask, refs_per_image):
-    s = self.config.image_size
-    if image.ndim != 4 or image.shape[1:] != (s, s, 3):
-      raise ValueError(f'image has shape {tuple(image.shape)}; model.image_size={s} needs '
-                       f'(B, {s}, {s}, 3)')
-    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-      raise ValueError(f'input_ids {tuple(input_ids.shape)} and attention_mask '
-                       f'{tuple(attention_mask.shape)} must both be (B, L)')
-    if refs_per_image < 1 or input_ids.shape[0] != image.shape[0] * refs_per_image:
-      raise ValueError(f'batch sizes do not match: image has {image.shape[0]}, input_ids has '
-                       f'{input_ids.shape[0]}, refs_per_image={refs_per_image} expressions per '
-                       f'image')
-    if input_ids.shape[1] > self.config.text_encoder.max_position_embeddings:
-      raise ValueError(f'input_ids has {input_ids.shape[1]} tokens, more than '
-                       f'model.text_encoder.max_position_embeddings='
-                       f'{self.config.text_encoder.max_position_embeddings}')
 
 
 def build_model(model_config) -> nn.Module:

@@ -197,7 +197,7 @@ class LAVT(nn.Module):
     first Swin stage, so each image is encoded once per expression.
     """
     m = self.config
-    check_inputs(m, image, input_ids, attention_mask, refs_per_image)
+    layers.check_inputs(m, image, input_ids, attention_mask, refs_per_image)
     dtype = jnp.dtype(m.dtype)
     image = jnp.repeat(image.astype(dtype), refs_per_image, axis=0)  # (B, S, S, 3)
 
@@ -230,18 +230,3 @@ class LAVT(nn.Module):
     logits = (classes[..., 1] - classes[..., 0]).astype(jnp.float32)         # object - background
     return dict(logits=logits, masks=logits[:, None],
                 scores=jnp.ones((logits.shape[0], 1), jnp.float32))
-
-
-def check_inputs(m, image, input_ids, attention_mask, refs_per_image):
-  """ValueError naming the mismatch between the inputs and the model config."""
-  s = m.image_size
-  if image.ndim != 4 or image.shape[1:] != (s, s, 3):
-    raise ValueError(f'image has shape {tuple(image.shape)}; model.image_size={s} needs '
-                     f'(B, {s}, {s}, 3)')
-  if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-    raise ValueError(f'input_ids {tuple(input_ids.shape)} and attention_mask '
-                     f'{tuple(attention_mask.shape)} must both be (B, L)')
-  if refs_per_image < 1 or input_ids.shape[0] != image.shape[0] * refs_per_image:
-    raise ValueError(f'batch sizes do not match: image has {image.shape[0]}, input_ids has '
-                     f'{input_ids.shape[0]}, refs_per_image={refs_per_image} expressions per '
-                     'image')

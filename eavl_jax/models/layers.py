@@ -134,3 +134,22 @@ class ProjectReLU(nn.Module):
     x = Dense(self.features, dtype=self.dtype, **init)(x)
     x = Norm(self.norm, self.dtype, self.open_at_init and self.norm != 'none')(x, train, mask)
     return nn.relu(x)
+
+
+def check_inputs(m, image, input_ids, attention_mask, refs_per_image):
+  """ValueError naming the mismatch between a model's inputs and its config `m` (EAVL, LAVT)."""
+  s = m.image_size
+  if image.ndim != 4 or image.shape[1:] != (s, s, 3):
+    raise ValueError(f'image has shape {tuple(image.shape)}; model.image_size={s} needs '
+                     f'(B, {s}, {s}, 3)')
+  if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+    raise ValueError(f'input_ids {tuple(input_ids.shape)} and attention_mask '
+                     f'{tuple(attention_mask.shape)} must both be (B, L)')
+  if refs_per_image < 1 or input_ids.shape[0] != image.shape[0] * refs_per_image:
+    raise ValueError(f'batch sizes do not match: image has {image.shape[0]}, input_ids has '
+                     f'{input_ids.shape[0]}, refs_per_image={refs_per_image} expressions per '
+                     f'image')
+  if input_ids.shape[1] > m.text_encoder.max_position_embeddings:
+    raise ValueError(f'input_ids has {input_ids.shape[1]} tokens, more than '
+                     f'model.text_encoder.max_position_embeddings='
+                     f'{m.text_encoder.max_position_embeddings}')
