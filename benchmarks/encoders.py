@@ -56,9 +56,9 @@ def swin_pair(image_size, small, folder):
   path = os.path.join(folder, 'swin.safetensors')
   safetensors_torch.save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()},
                               path)
-  vision = ml_collections.ConfigDict(dict(patch_size=4, mlp_ratio=4.0, **sizes))
+  vision = ml_collections.ConfigDict(dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.0, **sizes))
   params = weights.load_swin(path, swin_weights.abstract_params(vision))
-  flax_model = swin.SwinTransformer(patch_size=4, **sizes)
+  flax_model = swin.SwinTransformer(**swin.config_sizes(vision), remat=False)
   return torch_model, (flax_model, params)
 
 

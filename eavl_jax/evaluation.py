@@ -50,7 +50,8 @@ def evaluate_split(config, predict_fn, split, *, mesh, batch_size=None, logits_o
   protocol = config.eval.protocol
   local = local_batch_size(batch_size or config.train.eval_batch_size, mesh)
   pc = jax.process_count()
-  num_batches = metrics.num_eval_batches(input_pipeline.num_examples(config, split), pc, local)
+  num_examples = input_pipeline.num_eval_examples(config, split)
+  num_batches = metrics.num_eval_batches(num_examples, pc, local)
   loader = input_pipeline.make_eval_loader(config, split, shard_index=jax.process_index(),
                                            shard_count=pc, batch_size=local)
   first = {}

@@ -81,6 +81,13 @@ def num_examples(config, split: str) -> int:
   return int(sentences.sum())
 
 
+def num_eval_examples(config, split: str) -> int:
+  """Expressions an evaluation of `split` sees (make_eval_loader): every sentence, the training
+  split's too."""
+  _, sentences = _records(config, split)
+  return int(sentences.sum())
+
+
 def _image_groups(config, split):
   """[record indices of one image's refs] for every image of `split`, in first-record order."""
   builder = _builder(config)

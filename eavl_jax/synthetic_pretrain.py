@@ -78,10 +78,8 @@ class AttributeNet(nn.Module):
   @nn.compact
   def __call__(self, images, train=False):
     v = self.vision
-    outs = swin.SwinTransformer(
-        embed_dim=v['embed_dim'], depths=tuple(v['depths']), num_heads=tuple(v['num_heads']),
-        window_size=v['window_size'], patch_size=v['patch_size'], mlp_ratio=v['mlp_ratio'],
-        drop_path_rate=v['drop_path_rate'], name='vision_encoder')(images, train=train)
+    outs = swin.SwinTransformer(**swin.config_sizes(v), remat=False,
+                                name='vision_encoder')(images, train=train)
     logits = {}
     for stage in STAGES:
       name = 'final_norm' if stage == 3 else f'norm_{stage}'

@@ -19,11 +19,11 @@ SPLITS = ('val', 'testA', 'testB')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sentence_counts(synthetic_raw):
+def sentence_counts(synthetic_raw, splits=SPLITS):
   """{split: number of sentences}, read straight from the raw refer files."""
   with open(os.path.join(synthetic_raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
     refs = pickle.load(f)
-  return {s: sum(len(r['sentences']) for r in refs if r['split'] == s) for s in SPLITS}
+  return {s: sum(len(r['sentences']) for r in refs if r['split'] == s) for s in splits}
 
 
 def start_cli(module, *args, devices=1):
@@ -123,6 +123,19 @@ def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw
   got = evaluate.evaluate_splits(config, at_input_size, SPLITS, mesh=mesh, batch_size=batch)
   for split in SPLITS:
     assert got[split]['samples'] == counts[split] and got[split]['oIoU'] == 1.0, got[split]
+
+
+def test_the_train_split_is_evaluated_on_every_sentence(tiny_trained, synthetic_raw):
+  # Its training epoch is another count (one sentence per ref, or K refs per image): evaluation
+  # must not take that one.
+  config = tiny_trained.config()
+  config.data.refs_per_image = 2
+  want = sentence_counts(synthetic_raw, ('train',))['train']
+  mesh = sharding.make_mesh(config.mesh)
+  ground_truth = lambda b: b['mask_orig'].astype(jnp.float32) * 2.0 - 1.0
+  got, _ = evaluation.evaluate_split(config, ground_truth, 'train', mesh=mesh, batch_size=4,
+                                     logits_on_canvas=True)
+  assert got['samples'] == want and got['mIoU'] == 1.0, got
 
 
 def test_clear_errors(tiny_trained, synthetic_records, tmp_path):

@@ -125,7 +125,7 @@ def pwam_inputs(seed=0, c=8, lengths=(6, 3)):
 @pytest.mark.parametrize('heads', [1, 2])
 def test_pixel_word_attention_matches_lavts_formula(heads):
   x, words, word_mask = pwam_inputs()
-  module = lavt.PixelWordAttention(num_heads=heads)
+  module = lavt.PixelWordAttention(num_heads=heads, dropout=0.0)
   params = module.init(jax.random.key(0), x, words, word_mask)['params']
   got = module.apply({'params': params}, x, words, word_mask)
   assert got.shape == x.shape
@@ -136,7 +136,7 @@ def test_pixel_word_attention_matches_lavts_formula(heads):
 
 def test_padding_words_never_change_a_pixel_of_the_attention():
   x, words, word_mask = pwam_inputs(lengths=(4, 2))
-  module = lavt.PixelWordAttention(num_heads=2)
+  module = lavt.PixelWordAttention(num_heads=2, dropout=0.0)
   params = module.init(jax.random.key(0), x, words, word_mask)['params']
   other = np.where(word_mask[..., None] > 0, words, 100.0 * np.random.default_rng(1).normal(
       size=words.shape)).astype(np.float32)
@@ -326,6 +326,7 @@ def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
   where the padding is wider than the shift (LAVT's stage 4 at 480²: 15² padded to 24, shift
   6)."""
   sizes = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=4)
+  flax_only = dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.0, remat=False)  # HF's defaults
   hf_config = transformers.SwinConfig(image_size=160, patch_size=4, embed_dim=8,
                                       depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2], window_size=4)
   reference = transformers.SwinModel(hf_config).eval()
@@ -335,7 +336,7 @@ def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
       p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim == 1 else p.shape[-1] ** -0.5)
               + (1.0 if 'norm' in name and name.endswith('weight') else 0.0))
   reference.save_pretrained(str(tmp_path))
-  expected = jax.eval_shape(swin.SwinTransformer(**sizes).init, jax.random.key(0),
+  expected = jax.eval_shape(swin.SwinTransformer(**sizes, **flax_only).init, jax.random.key(0),
                             jnp.zeros((1, 32, 32, 3)))['params']
   params = weights.load_swin(str(tmp_path), expected)
   image = np.random.RandomState(0).randn(1, 160, 160, 3).astype(np.float32)
@@ -343,8 +344,9 @@ def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
     out = reference(torch.from_numpy(image).permute(0, 3, 1, 2), output_hidden_states=True,
                     output_hidden_states_before_downsampling=True)
   want = [out.reshaped_hidden_states[i + 1].permute(0, 2, 3, 1).numpy() for i in range(4)]
-  pad_first = swin.SwinTransformer(**sizes, pad_before_shift=True).apply({'params': params}, image)
-  timm_order = swin.SwinTransformer(**sizes).apply({'params': params}, image)
+  pad_first = swin.SwinTransformer(**sizes, **flax_only, pad_before_shift=True).apply(
+      {'params': params}, image)
+  timm_order = swin.SwinTransformer(**sizes, **flax_only).apply({'params': params}, image)
   for i in range(4):
     np.testing.assert_allclose(np.asarray(pad_first[i]), want[i], atol=1e-4, err_msg=f'stage {i}')
   # 10² padded to 12 by 2 = the shift: both orders group the same pixels. 5² padded to 8 by 3 > 2:
@@ -462,8 +464,8 @@ def test_every_key_of_a_lavt_checkpoint_lands(tmp_path):
       for name, src in (('vis_project', 'vis_project.0'), ('query', 'image_lang_att.f_query.0'),
                         ('key', 'image_lang_att.f_key.0'), ('value', 'image_lang_att.f_value.0'),
                         ('out', 'image_lang_att.W.0'), ('project_mm', 'project_mm.0'))}
-  got = lavt.PixelWordAttention().apply({'params': loaded['params']['pwam_2']}, x,
-                                        words.astype(np.float32), word_mask)
+  got = lavt.PixelWordAttention(num_heads=1, dropout=0.0).apply(
+      {'params': loaded['params']['pwam_2']}, x, words.astype(np.float32), word_mask)
   np.testing.assert_allclose(np.asarray(got), pwam_reference(x, words, word_mask, torch_weights, 1),
                              rtol=1e-4, atol=1e-4)
   check_decoder_against_torch(loaded, sd, config.model.vision_encoder.embed_dim)

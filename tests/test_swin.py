@@ -8,7 +8,8 @@ from flax import traverse_util
 
 from eavl_jax.models import swin
 
-TINY = dict(embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+TINY = dict(embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=4,
+            patch_size=4, mlp_ratio=4.0, drop_path_rate=0.0, remat=False)
 
 
 def random_params(model, *inputs):
@@ -72,15 +73,15 @@ def test_relative_position_index_is_the_table_offset():
 
 
 def test_drop_path_only_when_training_and_remat_is_equal():
-  model = swin.SwinTransformer(**TINY, drop_path_rate=0.5)
+  model = swin.SwinTransformer(**dict(TINY, drop_path_rate=0.5))
   _, eval_a = _run(model, 32)
   _, eval_b = _run(model, 32, rng=2)
   _, train_a = _run(model, 32, train=True, rng=1)
   _, train_b = _run(model, 32, train=True, rng=2)
   np.testing.assert_array_equal(eval_a[3], eval_b[3])
   assert not np.allclose(train_a[3], train_b[3])
-  _, remat = _run(swin.SwinTransformer(**TINY, drop_path_rate=0.5, remat=True), 32, train=True,
-                  rng=1)
+  _, remat = _run(swin.SwinTransformer(**dict(TINY, drop_path_rate=0.5, remat=True)), 32,
+                  train=True, rng=1)
   np.testing.assert_allclose(remat[3], train_a[3], atol=1e-5)
 
 

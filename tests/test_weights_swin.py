@@ -24,6 +24,7 @@ from eavl_jax.weights import report
 from eavl_jax.weights import swin as swin_weights
 
 REDUCED = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=12)
+FLAX_ONLY = dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.0, remat=False)  # timm's defaults
 
 
 def _randomise(module, seed):
@@ -78,7 +79,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _expected(**kw):
-  model = swin.SwinTransformer(**kw)
+  model = swin.SwinTransformer(**kw, **FLAX_ONLY)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
 
 
@@ -116,7 +117,7 @@ def test_stage_maps_equal_timm(checkpoints, size):
       x = stage(x)
       want.append(x.numpy())
     features = reference.norm(x).numpy()  # forward_features: the final norm after the stages
-  got = jax.jit(swin.SwinTransformer(**REDUCED).apply)({'params': params}, image)
+  got = jax.jit(swin.SwinTransformer(**REDUCED, **FLAX_ONLY).apply)({'params': params}, image)
   s = size // 4
   assert [g.shape for g in got] == [(1, s >> i, s >> i, 16 << i) for i in range(4)]
   for i, (g, w) in enumerate(zip(got, want)):
@@ -168,7 +169,7 @@ def test_hugging_face_swin_stage_maps(tmp_path):
   with torch.no_grad():
     out = reference(torch.from_numpy(image).permute(0, 3, 1, 2), output_hidden_states=True,
                     output_hidden_states_before_downsampling=True)
-  got = jax.jit(swin.SwinTransformer(**tiny).apply)({'params': params}, image)
+  got = jax.jit(swin.SwinTransformer(**tiny, **FLAX_ONLY).apply)({'params': params}, image)
   for i, g in enumerate(got):
     want = out.reshaped_hidden_states[i + 1].permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
     assert np.abs(want).max() > 0.5, i

@@ -78,11 +78,8 @@ class EAVL(nn.Module):
 
     # Image encoder: Swin stages, a LayerNorm on each stage used, attention pooling (eq. 1).
     v = m.vision_encoder
-    _, x2, x3, x4 = swin.SwinTransformer(
-        embed_dim=v.embed_dim, depths=tuple(v.depths), num_heads=tuple(v.num_heads),
-        window_size=v.window_size, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio,
-        drop_path_rate=v.drop_path_rate, dtype=dtype, remat=m.remat,
-        name='vision_encoder')(image, train=train)
+    _, x2, x3, x4 = swin.SwinTransformer(**swin.config_sizes(v), remat=m.remat, dtype=dtype,
+                                         name='vision_encoder')(image, train=train)
     f_v2 = nn.LayerNorm(dtype=dtype, name='vision_norm_2')(x2)     # (B, S/8,  S/8,  2E)
     f_v3 = nn.LayerNorm(dtype=dtype, name='vision_norm_3')(x3)     # (B, S/16, S/16, 4E)
     x4 = nn.LayerNorm(dtype=dtype, name='vision_norm_4')(x4)       # (B, S/32, S/32, 8E)

@@ -93,8 +93,8 @@ class PixelWordAttention(nn.Module):
   All widths are the stage's C; T is BERT's last hidden state (B, L, H). Padding words get no
   attention weight and a zero value, so they never change a pixel's output.
   """
-  num_heads: int = 1
-  dropout: float = 0.0
+  num_heads: int                # `model.lavt.fusion_heads[i]`
+  dropout: float                # `model.lavt.fusion_dropout`
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -215,9 +215,7 @@ class LAVT(nn.Module):
 
     v = m.vision_encoder
     outputs = swin.SwinTransformer(
-        embed_dim=v.embed_dim, depths=tuple(v.depths), num_heads=tuple(v.num_heads),
-        window_size=v.window_size, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio,
-        drop_path_rate=v.drop_path_rate, dtype=dtype, remat=m.remat, pad_before_shift=True,
+        **swin.config_sizes(v), remat=m.remat, dtype=dtype, pad_before_shift=True,
         name='vision_encoder')(image, train=train, between_stages=fuse)
     y1, y2, y3, y4 = (nn.LayerNorm(epsilon=_NORM_EPS, dtype=dtype, name=f'output_norm_{i}')(r)
                       for i, r in enumerate(outputs))                # Y_i (B, S/2^(i+2), ., 2^i E)

@@ -167,8 +167,8 @@ class SwinBlock(nn.Module):
   num_heads: int
   window_size: int
   shifted: bool
-  mlp_ratio: float = 4.0
-  drop_path: float = 0.0
+  mlp_ratio: float
+  drop_path: float
   dtype: Any = jnp.float32
   # False: timm's order (roll, then pad). True: the detection / segmentation Swin's (mmseg, LAVT;
   # Hugging Face's too): pad to a multiple of the window, then roll the padded map.
@@ -262,9 +262,9 @@ class SwinStage(nn.Module):
   window_size: int
   downsample: bool
   drop_path: Sequence[float]
-  mlp_ratio: float = 4.0
+  mlp_ratio: float
+  remat: bool
   dtype: Any = jnp.float32
-  remat: bool = False
   pad_before_shift: bool = False  # SwinBlock's
 
   @nn.compact
@@ -285,11 +285,11 @@ class SwinTransformer(nn.Module):
   depths: Sequence[int]
   num_heads: Sequence[int]
   window_size: int
-  patch_size: int = 4
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.0
+  patch_size: int
+  mlp_ratio: float
+  drop_path_rate: float
+  remat: bool                     # `model.remat`
   dtype: Any = jnp.float32
-  remat: bool = False
   pad_before_shift: bool = False  # SwinBlock's
 
   @nn.compact
@@ -314,6 +314,17 @@ class SwinTransformer(nn.Module):
         x, out = between_stages(i, x)
       outputs.append(out)
     return tuple(outputs)
+
+
+SIZE_FIELDS = ('embed_dim', 'depths', 'num_heads', 'window_size', 'patch_size', 'mlp_ratio',
+               'drop_path_rate')
+
+
+def config_sizes(vision_cfg) -> dict:
+  """SwinTransformer's size fields from `config.model.vision_encoder` (a ConfigDict or a dict;
+  other keys are ignored)."""
+  return {f: tuple(vision_cfg[f]) if f in ('depths', 'num_heads') else vision_cfg[f]
+          for f in SIZE_FIELDS}
 
 
 class AttentionPool(nn.Module):

@@ -153,9 +153,7 @@ def read_swin(path: str):
 def abstract_params(vision_config):
   """ShapeDtypeStructs of the SwinTransformer that `model.vision_encoder` describes."""
   v = vision_config
-  model = swin_model.SwinTransformer(embed_dim=v.embed_dim, depths=tuple(v.depths),
-                                     num_heads=tuple(v.num_heads), window_size=v.window_size,
-                                     patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
+  model = swin_model.SwinTransformer(**swin_model.config_sizes(v), remat=False)
   size = v.patch_size * 8  # smallest input with four stages; the weights do not depend on it
   images = jnp.zeros((1, size, size, 3))
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
