@@ -62,7 +62,6 @@ COMPONENTS = {
 }
 ORDER = ('swin', 'attention pooling', 'bert', 'pixel-word attention', 'language gate', 'neck',
          'query generator', 'decoder', 'classifier', 'aligner')  # those the model has are listed
-PAPER_TOTAL = 202.11e6  # table VI
 # Table VI's convention: a hook-based counter (thop) adds up the parameters of the Linear, Conv and
 # norm layers that run, so it leaves out nn.Embedding tables and parameters a module holds itself.
 # In the Flax tree: Dense / Conv kernels and biases, norm scales and biases count ('kernel',
@@ -73,10 +72,15 @@ TABLE_VI_RULE = ("table VI rule: the parameters of Dense / Conv / norm layers, a
                  "counters (thop) count them; no embedding tables (BERT's word, position and "
                  "token-type embeddings), no parameters held outside such layers (Swin's "
                  "relative-position bias tables)")
-# Table VI's row "Ours, Swin-Base, BERT-Base": 480x480 input; GFLOPs, parameters (M), inference
-# FPS (the paper names its 8 RTX Titan GPUs for training, not the inference GPU), RefCOCO+ val mIoU.
-PAPER_COST = {'gflops': 131.01, 'params_m': 202.11, 'fps': 8.78, 'refcocop_val_miou': 67.95,
-              'image_size': 480}
+# Table VI's rows, Swin-Base and BERT-Base, 480x480 input: GFLOPs, parameters (M), inference FPS
+# (the paper names its 8 RTX Titan GPUs for training, not the inference GPU), RefCOCO+ val mIoU.
+# By config.model.name; table VI has no LAVT + aligner row, so both LAVT heads sit beside LAVT's.
+PAPER_ROWS = {
+    'eavl': {'row': 'Ours (EAVL)', 'gflops': 131.01, 'params_m': 202.11, 'fps': 8.78,
+             'refcocop_val_miou': 67.95, 'image_size': 480},
+    'lavt': {'row': 'LAVT', 'gflops': 124.71, 'params_m': 203.71, 'fps': 6.69,
+             'refcocop_val_miou': 65.81, 'image_size': 480},
+}
 
 
 def abstract_params(model_config, batch_size=1):
@@ -102,8 +106,9 @@ def count_by_component(params, table_vi=False):
   return {name: n for name, n in counts.items() if name in present}
 
 
-def format_table(counts, table_vi_counts):
-  """Both counts per component, their totals, the paper's total and the rule."""
+def format_table(counts, table_vi_counts, paper):
+  """Both counts per component, their totals, the paper's total (`paper`: a PAPER_ROWS row)
+  and the rule."""
   total, total_vi = sum(counts.values()), sum(table_vi_counts.values())
   head = f'{"component":<20} {"all":>14} {"M":>9} {"table VI rule":>14} {"M":>9}'
   rows = [head, '-' * len(head)]
@@ -111,7 +116,8 @@ def format_table(counts, table_vi_counts):
            f'{table_vi_counts[k] / 1e6:>9.2f}' for k, v in counts.items()]
   rows += ['-' * len(head),
            f'{"total":<20} {total:>14,} {total / 1e6:>9.2f} {total_vi:>14,} {total_vi / 1e6:>9.2f}',
-           f'{"paper (table VI)":<20} {"":>14} {"":>9} {"":>14} {PAPER_TOTAL / 1e6:>9.2f}',
+           f'{"paper (table VI)":<20} {"":>14} {"":>9} {"":>14} {paper["params_m"]:>9.2f}'
+           f'  {paper["row"]}',
            TABLE_VI_RULE + '.']
   return '\n'.join(rows)
 
@@ -180,9 +186,10 @@ def format_cost(model_config, total, cost=None, speed=None):
   ours += f'{total / 1e6:>11.2f} '
   ours += f'{speed["images_per_second"]:>9.2f}  {speed["backend"]} ({speed["device"]}), ' \
           f'batch {speed["batch_size"]}' if speed else f'{"-":>9}'
-  p = PAPER_COST
+  p = PAPER_ROWS[model_config.name]
   paper = (f'{"paper (table VI)":<18} {p["gflops"]:>9.2f} {"-":>9} {p["params_m"]:>11.2f} '
-           f'{p["fps"]:>9.2f}  their GPU, 480x480 (RefCOCO+ val mIoU {p["refcocop_val_miou"]})')
+           f'{p["fps"]:>9.2f}  {p["row"]}, their GPU, 480x480 (RefCOCO+ val mIoU '
+           f'{p["refcocop_val_miou"]})')
   notes = [f'Forward pass (inference) at {s}x{s}, per image; XLA cost analysis of the compiled '
            'program; multiply-adds = FLOPs / 2.',
            'Tools that count one multiply-add as one FLOP (fvcore, thop) report GMACs as "GFLOPs".',
@@ -226,10 +233,10 @@ def main(argv):
     if speed:
       out['speed'] = speed
     if cost or speed:
-      out['paper_table_vi'] = PAPER_COST
+      out['paper_table_vi'] = PAPER_ROWS[config.model.name]
     print(json.dumps(out))
   else:
-    print(format_table(counts, table_vi_counts))
+    print(format_table(counts, table_vi_counts, PAPER_ROWS[config.model.name]))
     if cost or speed:
       print()
       print(format_cost(config.model, total_vi, cost, speed))

@@ -90,3 +90,17 @@ def test_table_vi_counts_match_a_hook_counter_on_the_torch_encoders_and_closed_f
   assert sum(every.values()) - sum(rule.values()) == embeddings + tables
   for name in set(every) - {'swin', 'bert'}:     # the head: Dense, Conv and norm layers only
     assert rule[name] == every[name] > 0
+
+
+def test_lavt_configs_print_table_vis_lavt_row():
+  # Both LAVT heads sit beside table VI's LAVT row (there is no LAVT + aligner row), not EAVL's.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'eavl_jax.model_info', '--config=configs/tiny.py',
+       '--config.model.name=lavt', '--config.model.lavt.head=aligner'],
+      capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  paper = [line for line in proc.stdout.splitlines() if line.startswith('paper (table VI)')]
+  assert len(paper) == 1 and paper[0].split()[3:] == ['203.71', 'LAVT'], proc.stdout
+  lavt = model_info.PAPER_ROWS['lavt']
+  assert (lavt['params_m'], lavt['gflops'], lavt['fps']) == (203.71, 124.71, 6.69)
