@@ -69,7 +69,7 @@ def bert_pair(small, folder):
   path = os.path.join(folder, 'bert')
   torch_model.save_pretrained(path)
   params, hf_config = weights.load_bert(path)
-  flax_model = bert.BertModel(**{f: hf_config[f] for f in bert.SIZE_FIELDS})
+  flax_model = bert.BertModel(**{f: hf_config[f] for f in bert.SIZE_FIELDS}, remat=False)
   return torch_model, (flax_model, params)
 
 

@@ -12,7 +12,7 @@ from eavl_jax.models import bert
 
 def _model(**kw):
   cfg = tiny.get_config().model.text_encoder
-  return bert.from_config(cfg, **kw)
+  return bert.from_config(cfg, remat=False, **kw)
 
 
 @functools.lru_cache()
@@ -68,7 +68,7 @@ def test_dropout_only_when_training_and_remat_is_equal():
   cfg = tiny.get_config().model.text_encoder
   cfg.hidden_dropout_prob = 0.1
   cfg.attention_probs_dropout_prob = 0.1
-  model = bert.from_config(cfg)
+  model = bert.from_config(cfg, remat=False)
   ids = jnp.arange(1, 9, dtype=jnp.int32)[None]
   mask = jnp.ones_like(ids)
   params = _params()

@@ -53,7 +53,7 @@ def test_real_checkpoint_matches_transformers_pytorch():
   ids, mask = tokens['input_ids'].astype(np.int32), tokens['attention_mask'].astype(np.int32)
   assert len(set(mask.sum(1))) == len(SENTENCES) and (mask == 0).any()  # lengths differ, padded
 
-  model = bert.BertModel(**{f: hf_config[f] for f in bert.SIZE_FIELDS})
+  model = bert.BertModel(**{f: hf_config[f] for f in bert.SIZE_FIELDS}, remat=False)
   ours = np.asarray(jax.jit(model.apply)({'params': params}, ids, mask))  # (B, L, 384)
   reference = transformers.BertModel.from_pretrained(folder).eval()
   with torch.no_grad():

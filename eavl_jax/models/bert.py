@@ -121,8 +121,8 @@ class BertLayerCollection(nn.Module):
   layer_norm_eps: float
   hidden_dropout: float
   attention_dropout: float
+  remat: bool                 # `model.remat`: nn.remat around each layer
   dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, x, bias, train: bool):
@@ -140,14 +140,14 @@ class BertEncoder(nn.Module):
   layer_norm_eps: float
   hidden_dropout: float
   attention_dropout: float
+  remat: bool                 # `model.remat`: nn.remat around each layer
   dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, x, bias, train: bool):
     return BertLayerCollection(self.num_layers, self.num_heads, self.intermediate_size,
                                self.layer_norm_eps, self.hidden_dropout, self.attention_dropout,
-                               self.dtype, self.remat, name='layer')(x, bias, train)
+                               self.remat, self.dtype, name='layer')(x, bias, train)
 
 
 class BertModel(nn.Module):
@@ -166,8 +166,8 @@ class BertModel(nn.Module):
   layer_norm_eps: float
   hidden_dropout_prob: float
   attention_probs_dropout_prob: float
+  remat: bool                 # `model.remat`
   dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, train: bool = False):
@@ -180,7 +180,7 @@ class BertModel(nn.Module):
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
     return BertEncoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
                        self.layer_norm_eps, self.hidden_dropout_prob,
-                       self.attention_probs_dropout_prob, self.dtype, self.remat,
+                       self.attention_probs_dropout_prob, self.remat, self.dtype,
                        name='encoder')(x, bias, train)
 
 
@@ -189,6 +189,7 @@ SIZE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_
                'hidden_dropout_prob', 'attention_probs_dropout_prob')
 
 
-def from_config(text_cfg, dtype=jnp.float32, remat=False) -> BertModel:
-  """BertModel from `config.model.text_encoder` (the fields above; other keys are ignored)."""
-  return BertModel(**{f: text_cfg[f] for f in SIZE_FIELDS}, dtype=dtype, remat=remat)
+def from_config(text_cfg, *, remat, dtype=jnp.float32) -> BertModel:
+  """BertModel from `config.model.text_encoder` (the fields above; other keys are ignored) and
+  `config.model.remat`."""
+  return BertModel(**{f: text_cfg[f] for f in SIZE_FIELDS}, remat=remat, dtype=dtype)

@@ -95,7 +95,7 @@ class Norm(nn.Module):
   evaluation they are used instead of the batch's. `open_at_init`: scale 0 and bias 1, so that the
   output is 1 everywhere at initialisation.
   """
-  kind: str = 'none'
+  kind: str                   # `model.head_norm`
   dtype: jnp.dtype = jnp.float32
   open_at_init: bool = False
 
@@ -122,7 +122,7 @@ class ProjectReLU(nn.Module):
   gated product starts as the ungated features and the gate is learned from there.
   """
   features: int
-  norm: str = 'none'
+  norm: str                   # `model.head_norm` (Norm's kind)
   dtype: jnp.dtype = jnp.float32
   open_at_init: bool = False
 

@@ -118,7 +118,7 @@ def with_checkpoint_text_sizes(model_config):
 def abstract_params(sizes: dict):
   """ShapeDtypeStructs of BertModel(**sizes) (dropout rates filled in: they hold no weights)."""
   model = bert_model.BertModel(**{'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-                                  **{f: sizes[f] for f in ARCHITECTURE_FIELDS}})
+                                  **{f: sizes[f] for f in ARCHITECTURE_FIELDS}}, remat=False)
   ids = jnp.zeros((1, 2), jnp.int32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)['params']
 
