@@ -72,13 +72,12 @@ def _records(config, split):
 def num_examples(config, split: str) -> int:
   """Expressions per epoch of `split`: for training one per ref (data.sentences='random'), K per
   image (data.refs_per_image=K > 1) or every sentence ('all'); for evaluation every sentence."""
-  _, sentences = _records(config, split)
   if split == config.data.train_split:
     if config.data.refs_per_image > 1:
       return len(_image_groups(config, split)) * config.data.refs_per_image
     if config.data.sentences == 'random':
-      return len(sentences)
-  return int(sentences.sum())
+      return len(_records(config, split)[1])
+  return num_eval_examples(config, split)
 
 
 def num_eval_examples(config, split: str) -> int:
