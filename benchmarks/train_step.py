@@ -2,7 +2,7 @@
 goes, compile time and memory, and on a GPU the model-FLOPs utilisation.
 
   python benchmarks/train_step.py [--config=configs/refcoco.py] [--config.model.remat=True ...]
-      [--batch=1] [--steps=3] [--memory_batch=4] [--no-components] [--no-memory_table]
+      [--batch=1] [--steps=3] [--memory_batch=4] [--nocomponents] [--nomemory_table]
       [--json_out=FILE]
 
 Weights are random (`vision_encoder.pretrained` and `text_encoder.pretrained` are set to 'scratch',
@@ -11,13 +11,15 @@ so nothing is read or downloaded; the sizes are the config's), the batch is rand
 Sections:
 1. step: the jitted `trainer.make_train_step` at --batch: compile time (lower + compile),
    steps/s and images/s (median of --steps after one warm-up step), XLA's FLOPs count.
-2. components (where the time goes): every top-level submodule of EAVL (vision_encoder, the
-   LayerNorms, attention_pool, text_encoder, text_proj, neck, query_generator, decoder, aligner)
-   is run alone, jitted, on inputs of the shapes it gets inside the model (captured with
-   `flax.linen.intercept_methods` under `jax.eval_shape`), forward and forward+backward (gradient
-   of the sum of its outputs w.r.t. its parameters and float inputs); plus the loss and the AdamW
-   update. Sub-functions jitted apart lose XLA's fusion across their borders, so their sum is
-   compared with the whole step.
+2. components (where the time goes): every top-level submodule of the model is run alone, jitted,
+   on inputs of the shapes it gets inside the train step at --batch (its images and expressions;
+   captured with `flax.linen.intercept_methods` under `jax.eval_shape`), forward and
+   forward+backward (gradient of the sum of its outputs w.r.t. its parameters and float inputs);
+   plus the loss and the AdamW update. EAVL: vision_encoder, the LayerNorms, attention_pool,
+   text_encoder, text_proj, neck, query_generator, decoder, aligner. LAVT (model.name='lavt'):
+   vision_encoder (its Swin alone, without the fusion between stages), text_encoder, pwam_i,
+   gate_i, output_norm_i, decoder, classifier or aligner_head. Sub-functions jitted apart lose
+   XLA's fusion across their borders, so their sum is compared with the whole step.
 3. memory table: the step lowered and compiled, without running it, at --memory_batch for
    model.remat in {False, True} x model.dtype in {float32, bfloat16}: compile time and the
    executable's memory_analysis() (arguments + outputs + temporaries - aliased (donated) bytes).
@@ -158,21 +160,31 @@ def time_step(step, compiled, steps):
 # ------------------------------------------------------------------ components
 
 
-def capture_components(model, params, inputs):
-  """-> {name: (unbound module, abstract args, kwargs)} for every top-level submodule call."""
+def capture_components(step, variables):
+  """-> ({name: (unbound module, abstract args, kwargs)} for every call of a submodule of the
+  top-level model, the model's abstract outputs), on the train step's batch (its images and
+  expressions). A callable keyword (LAVT's Swin gets its fusion step as `between_stages`) is
+  dropped: that submodule is timed alone, and the modules the callable calls are captured as
+  calls of their own."""
   calls = {}
+  batch = random_batch(step.config, step.batch_size)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == '__call__' and isinstance(module.parent, eavl.EAVL):
-      calls[module.name] = (module.clone(parent=None), _abstract(args), dict(kwargs))
+    parent = module.parent   # a submodule of the top-level model (whose parent is a Scope)
+    if context.method_name == '__call__' and isinstance(parent, nn.Module) \
+        and not isinstance(parent.parent, nn.Module):
+      plain = {k: v for k, v in kwargs.items() if not callable(v)}
+      calls[module.name] = (module.clone(parent=None), _abstract(args), plain)
     return next_fun(*args, **kwargs)
 
-  def forward(p):
+  def forward(v):
     with nn.intercept_methods(interceptor):
-      return model.apply({'params': p}, *inputs, train=True,
-                         rngs={'dropout': jax.random.PRNGKey(0)})
-  out_shapes = jax.eval_shape(forward, params)
+      return step.model.apply(v, batch['image'], batch['input_ids'], batch['attention_mask'],
+                              train=True, refs_per_image=step.config.data.refs_per_image,
+                              rngs={'dropout': jax.random.PRNGKey(0)},
+                              mutable=['batch_stats'])[0]
+  out_shapes = jax.eval_shape(forward, variables)
   return calls, out_shapes
 
 
@@ -192,24 +204,27 @@ def _sum_floats(tree):
              if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def time_components(step, params, repeats):
+def time_components(step, variables, repeats):
   """-> rows {component, fwd_s, fwd_bwd_s} for each submodule, the loss and the update."""
-  inputs = eavl.dummy_inputs(step.config.model, step.batch_size)
-  calls, out_shapes = capture_components(step.model, params, inputs)
+  calls, out_shapes = capture_components(step, variables)
   rngs = {'dropout': jax.random.PRNGKey(0)}
   rows = []
   for i, (name, (module, abstract_args, kwargs)) in enumerate(calls.items()):
     args = concrete_like(abstract_args, i)
     is_float = [hasattr(a, 'dtype') and jnp.issubdtype(a.dtype, jnp.floating) for a in args]
+    stats = {'batch_stats': variables['batch_stats'][name]} \
+        if name in variables.get('batch_stats', {}) else {}
 
-    def run(p, float_args, module=module, kwargs=kwargs, args=args, is_float=is_float):
+    def run(p, float_args, module=module, kwargs=kwargs, args=args, is_float=is_float,
+            stats=stats):
       it = iter(float_args)
       full = [next(it) if f else a for a, f in zip(args, is_float)]
-      return module.apply({'params': p}, *full, **kwargs, rngs=rngs)
+      return module.apply({'params': p, **stats}, *full, **kwargs, rngs=rngs,
+                          mutable=['batch_stats'])[0]
     float_args = [a for a, f in zip(args, is_float) if f]
     fwd = jax.jit(run)
     grad = jax.jit(jax.grad(lambda p, fa, run=run: _sum_floats(run(p, fa)), argnums=(0, 1)))
-    sub = params.get(name, {})
+    sub = variables['params'].get(name, {})
     fwd_s = common.median_seconds(lambda: jax.block_until_ready(fwd(sub, float_args)), repeats)
     bwd_s = common.median_seconds(lambda: jax.block_until_ready(grad(sub, float_args)), repeats)
     rows.append(dict(component=name, fwd_s=fwd_s, fwd_bwd_s=bwd_s))
@@ -226,6 +241,7 @@ def time_components(step, params, repeats):
                    fwd_bwd_s=common.median_seconds(
                        lambda: jax.block_until_ready(loss_grad(logits)), repeats)))
 
+  params = variables['params']
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
   opt_state = jax.jit(step.tx.init)(params)
   def update(g, s, p):
@@ -238,21 +254,31 @@ def time_components(step, params, repeats):
   return rows
 
 
-GROUPS = (('Swin (vision_encoder)', ('vision_encoder',)),
-          ('attention pooling (eq. 1)', ('attention_pool',)),
-          ('BERT (text_encoder)', ('text_encoder',)),
-          ('neck + query generator + decoder (+ norms, text_proj)',
-           ('vision_norm_2', 'vision_norm_3', 'vision_norm_4', 'text_proj', 'neck',
-            'query_generator', 'decoder')),
-          ('aligner (eq. 11-14)', ('aligner',)),
-          ('loss', ('loss',)))
+GROUPS = {
+    'eavl': (('Swin (vision_encoder)', ('vision_encoder',)),
+             ('attention pooling (eq. 1)', ('attention_pool',)),
+             ('BERT (text_encoder)', ('text_encoder',)),
+             ('neck + query generator + decoder (+ norms, text_proj)',
+              ('vision_norm_2', 'vision_norm_3', 'vision_norm_4', 'text_proj', 'neck',
+               'query_generator', 'decoder')),
+             ('aligner (eq. 11-14)', ('aligner',)),
+             ('loss', ('loss',))),
+    'lavt': (('Swin (vision_encoder, without the fusion)', ('vision_encoder',)),
+             ('BERT (text_encoder)', ('text_encoder',)),
+             ('PWAMs + language gates', tuple(f'pwam_{i}' for i in range(4))
+              + tuple(f'gate_{i}' for i in range(3))),
+             ('simple decoder (+ output norms)',
+              ('decoder',) + tuple(f'output_norm_{i}' for i in range(4))),
+             ('head (classifier / aligner_head)', ('classifier', 'aligner_head')),
+             ('loss', ('loss',))),
+}
 
 
-def print_components(rows, step_s):
+def print_components(rows, step_s, model_name):
   by_name = {r['component']: r for r in rows}
   print(f'\n{"component":<56} {"fwd ms":>9} {"fwd+bwd ms":>11} {"% of step":>10}')
   table = []
-  for label, names in GROUPS:
+  for label, names in GROUPS[model_name]:
     fwd = sum(by_name[n]['fwd_s'] for n in names if n in by_name)
     fb = sum(by_name[n]['fwd_bwd_s'] for n in names if n in by_name)
     table.append(dict(group=label, fwd_s=fwd, fwd_bwd_s=fb))
@@ -357,16 +383,16 @@ def main(argv):
   if FLAGS.components:
     print(f'\ncomponents, each jitted alone (median of {FLAGS.steps} after one warm-up):',
           flush=True)
-    params = jax.jit(lambda k: step.model.init(k, *eavl.dummy_inputs(config.model, 1),
-                                               train=False)['params'])(jax.random.PRNGKey(0))
+    variables = jax.jit(lambda k: step.model.init(k, *eavl.dummy_inputs(config.model, 1),
+                                                  train=False))(jax.random.PRNGKey(0))
     try:
-      rows = time_components(step, params, repeats=FLAGS.steps)
+      rows = time_components(step, variables, repeats=FLAGS.steps)
       out['components'] = rows
-      out['component_groups'] = print_components(rows, step_s)
+      out['component_groups'] = print_components(rows, step_s, config.model.name)
     except Exception as e:  # pylint: disable=broad-except
       print(f'components FAILED ({type(e).__name__}: {e}); going on with the memory table')
       out['components_error'] = repr(e)
-    del params
+    del variables
     save(out)
 
   if FLAGS.memory_table:

@@ -59,3 +59,34 @@ def test_refcoco_smoke_runs_the_trainer_on_a_refer_fixture(tmp_path):
   samples = data['validation']['samples']
   assert samples > 0 and 0 <= data['validation']['oIoU'] <= 1
   assert 'train step compile' in result.stdout and f'validation on val ({samples} ' in result.stdout
+
+
+def _tiny_step(model_name, head='fixed'):
+  sys.path.insert(0, ROOT)
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.name, config.model.lavt.head = model_name, head
+  config.data.refs_per_image = 2
+  return train_step, train_step.Step(config, batch_size=4)
+
+
+def test_train_step_components_cover_every_submodule_of_eavl_and_lavt():
+  """benchmarks/train_step.py's component table: every top-level submodule is captured, on the
+  step's own batch (2 images x 2 expressions), and falls in one group of the printed table."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for name, head in (('eavl', 'fixed'), ('lavt', 'fixed'), ('lavt', 'aligner')):
+    train_step, step = _tiny_step(name, head)
+    variables = jax.eval_shape(
+        lambda k, step=step: step.model.init(k, *train_step.eavl.dummy_inputs(
+            step.config.model, 1), train=False), jax.random.PRNGKey(0))
+    calls, out_shapes = train_step.capture_components(step, variables)
+    assert set(calls) == set(variables['params']), (name, head, set(calls))
+    grouped = {n for _, names in train_step.GROUPS[name] for n in names}
+    assert set(calls) <= grouped, (name, set(calls) - grouped)
+    assert out_shapes['logits'].shape[0] == 4                       # 4 expressions
+    images = calls['vision_encoder'][1][0].shape[0]
+    assert images == (2 if name == 'eavl' else 4), (name, images)  # LAVT: once per expression
+    if name == 'lavt':
+      assert 'between_stages' not in calls['vision_encoder'][2]
+      assert {'pwam_0', 'pwam_3', 'gate_2', 'decoder'} <= set(calls)
