@@ -34,7 +34,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # pylint: disable=wrong-import-position
 from benchmarks import train_step as train_step_bench  # pylint: disable=wrong-import-position
-from eavl_jax.models import eavl  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -137,8 +136,8 @@ def target_fn(step, batch_size, target):
     args = (state, batch, jax.random.PRNGKey(1))
   else:
     params = step.abstract_state.params
-    inputs = eavl.dummy_inputs(step.config.model, batch_size)
-    calls, _ = train_step_bench.capture_components(step.model, params, inputs)
+    calls, _ = train_step_bench.capture_components(
+        step, {'params': params, 'batch_stats': step.abstract_state.batch_stats})
     module, abstract_args, kwargs = calls['vision_encoder']
     images = train_step_bench.concrete_like(abstract_args, 0)[0]
     sub = train_step_bench.concrete_like(params['vision_encoder'], 1)
