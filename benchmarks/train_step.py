@@ -222,24 +222,28 @@ def time_components(step, variables, repeats):
       return module.apply({'params': p, **stats}, *full, **kwargs, rngs=rngs,
                           mutable=['batch_stats'])[0]
     float_args = [a for a, f in zip(args, is_float) if f]
-    fwd = jax.jit(run)
-    grad = jax.jit(jax.grad(lambda p, fa, run=run: _sum_floats(run(p, fa)), argnums=(0, 1)))
     sub = variables['params'].get(name, {})
+    fwd = jax.jit(run).lower(sub, float_args).compile()
+    grad = jax.jit(jax.grad(lambda p, fa, run=run: _sum_floats(run(p, fa)), argnums=(0, 1))
+                   ).lower(sub, float_args).compile()
     fwd_s = common.median_seconds(lambda: jax.block_until_ready(fwd(sub, float_args)), repeats)
     bwd_s = common.median_seconds(lambda: jax.block_until_ready(grad(sub, float_args)), repeats)
-    rows.append(dict(component=name, fwd_s=fwd_s, fwd_bwd_s=bwd_s))
-    print(f'  {name}: fwd {1e3 * fwd_s:.1f} ms, fwd+bwd {1e3 * bwd_s:.1f} ms', flush=True)
+    rows.append(dict(component=name, fwd_s=fwd_s, fwd_bwd_s=bwd_s, fwd_bwd_flops=flops_of(grad)))
+    print(f'  {name}: fwd {1e3 * fwd_s:.1f} ms, fwd+bwd {1e3 * bwd_s:.1f} ms, '
+          f'{flops_of(grad) / 1e9:.2f} GFLOP', flush=True)
 
   logits = jnp.asarray(np.random.default_rng(0).normal(size=out_shapes['logits'].shape),
                        jnp.float32)
   mask = jnp.asarray(random_batch(step.config, step.batch_size)['mask'])
   loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss))
-  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss)))
+  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss))
+                      ).lower(logits).compile()
   rows.append(dict(component='loss',
                    fwd_s=common.median_seconds(lambda: jax.block_until_ready(loss(logits)),
                                                repeats),
                    fwd_bwd_s=common.median_seconds(
-                       lambda: jax.block_until_ready(loss_grad(logits)), repeats)))
+                       lambda: jax.block_until_ready(loss_grad(logits)), repeats),
+                   fwd_bwd_flops=flops_of(loss_grad)))
 
   params = variables['params']
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
@@ -247,10 +251,11 @@ def time_components(step, variables, repeats):
   def update(g, s, p):
     updates, s = step.tx.update(g, s, p)
     return jax.tree.map(jnp.add, p, updates), s
-  update = jax.jit(update)
+  update = jax.jit(update).lower(grads, opt_state, params).compile()
   update_s = common.median_seconds(
       lambda: jax.block_until_ready(update(grads, opt_state, params)), repeats)
-  rows.append(dict(component='AdamW update', fwd_s=0.0, fwd_bwd_s=update_s))
+  rows.append(dict(component='AdamW update', fwd_s=0.0, fwd_bwd_s=update_s,
+                   fwd_bwd_flops=flops_of(update)))
   return rows
 
 
@@ -274,24 +279,31 @@ GROUPS = {
 }
 
 
-def print_components(rows, step_s, model_name):
+def print_components(rows, step_s, model_name, step_flops):
+  """The groups of GROUPS[model_name]: ms, % of the step, and XLA's GFLOP of the fwd+bwd (of
+  the update for AdamW), which, unlike the times, do not depend on the machine's load."""
   by_name = {r['component']: r for r in rows}
-  print(f'\n{"component":<56} {"fwd ms":>9} {"fwd+bwd ms":>11} {"% of step":>10}')
+  print(f'\n{"component":<56} {"fwd ms":>9} {"fwd+bwd ms":>11} {"% of step":>10} '
+        f'{"fwd+bwd GFLOP":>14}')
   table = []
   for label, names in GROUPS[model_name]:
-    fwd = sum(by_name[n]['fwd_s'] for n in names if n in by_name)
-    fb = sum(by_name[n]['fwd_bwd_s'] for n in names if n in by_name)
-    table.append(dict(group=label, fwd_s=fwd, fwd_bwd_s=fb))
-  update = by_name['AdamW update']['fwd_bwd_s']
-  table.append(dict(group='AdamW update', fwd_s=0.0, fwd_bwd_s=update))
+    parts = [by_name[n] for n in names if n in by_name]
+    table.append(dict(group=label, fwd_s=sum(r['fwd_s'] for r in parts),
+                      fwd_bwd_s=sum(r['fwd_bwd_s'] for r in parts),
+                      fwd_bwd_flops=sum(r['fwd_bwd_flops'] for r in parts)))
+  update = by_name['AdamW update']
+  table.append(dict(group='AdamW update', fwd_s=0.0, fwd_bwd_s=update['fwd_bwd_s'],
+                    fwd_bwd_flops=update['fwd_bwd_flops']))
   sum_fwd = sum(r['fwd_s'] for r in table)
   sum_fb = sum(r['fwd_bwd_s'] for r in table)
+  sum_flops = sum(r['fwd_bwd_flops'] for r in table)
   for r in table:
     print(f'{r["group"]:<56} {1e3 * r["fwd_s"]:>9.1f} {1e3 * r["fwd_bwd_s"]:>11.1f} '
-          f'{100 * r["fwd_bwd_s"] / step_s:>9.1f}%')
+          f'{100 * r["fwd_bwd_s"] / step_s:>9.1f}% {r["fwd_bwd_flops"] / 1e9:>14.2f}')
   print(f'{"sum of the parts":<56} {1e3 * sum_fwd:>9.1f} {1e3 * sum_fb:>11.1f} '
-        f'{100 * sum_fb / step_s:>9.1f}%')
-  print(f'{"whole jitted train step":<56} {"":>9} {1e3 * step_s:>11.1f} {100.0:>9.1f}%')
+        f'{100 * sum_fb / step_s:>9.1f}% {sum_flops / 1e9:>14.2f}')
+  print(f'{"whole jitted train step":<56} {"":>9} {1e3 * step_s:>11.1f} {100.0:>9.1f}% '
+        f'{step_flops / 1e9:>14.2f}')
   print(f'backward + update = step - sum of forwards = {1e3 * (step_s - sum_fwd):.1f} ms '
         f'({100 * (step_s - sum_fwd) / step_s:.1f}% of the step)')
   return table
@@ -388,7 +400,8 @@ def main(argv):
     try:
       rows = time_components(step, variables, repeats=FLAGS.steps)
       out['components'] = rows
-      out['component_groups'] = print_components(rows, step_s, config.model.name)
+      out['component_groups'] = print_components(rows, step_s, config.model.name,
+                                                 result['flops'])
     except Exception as e:  # pylint: disable=broad-except
       print(f'components FAILED ({type(e).__name__}: {e}); going on with the memory table')
       out['components_error'] = repr(e)
