@@ -174,7 +174,8 @@ print(json.dumps(out))
 def test_the_bytes_are_per_device_of_the_sharded_step():
   """2 fake CPU devices: the state split by fsdp halves the argument bytes of each device; the
   batch split over `data` leaves each device fewer temporaries."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                  '--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _PER_DEVICE], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1200, check=False)

@@ -29,7 +29,8 @@ def sentence_counts(synthetic_raw, splits=SPLITS):
 def start_cli(module, *args, devices=1):
   """Starts `python -m module args` on `devices` (fake) CPU devices; `finish` waits for it. The
   tests start their command lines first and do their in-process work meanwhile."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                    f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, '-m', module, *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)

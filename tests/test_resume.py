@@ -23,7 +23,8 @@ def train(workdir, data_dir, *overrides, sigkill_during=None, sigterm_during=Non
   # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true). Every run
   # here compiles the same programs, so all but the first hit the session's compilation cache.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                       '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
   program = ['eavl_jax.train']
   if sigkill_during is not None or sigterm_during is not None:
     program = ['tests.train_with_faults']

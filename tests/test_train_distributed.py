@@ -17,7 +17,8 @@ TOL = 1e-5
 
 
 def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                    f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   env.pop('JAX_COORDINATOR_ADDRESS', None)
   return env
