@@ -145,6 +145,8 @@ def check_train(config):
 def check_rest(config):
   """eval, mesh and pretrain."""
   metrics.check_protocol(config.eval.protocol)
+  _require(0 < config.eval.collapse_qiou <= 1, 'eval.collapse_qiou', config.eval.collapse_qiou,
+           'must lie in (0, 1]')
   mesh = config.mesh
   _require(mesh.data == -1 or mesh.data >= 1, 'mesh.data', mesh.data, 'must be -1 or >= 1')
   _require(mesh.fsdp >= 1, 'mesh.fsdp', mesh.fsdp, 'must be >= 1')

@@ -211,6 +211,26 @@ def prepare_pretrained_vision(config, root):
 # ------------------------------------------------------------------ evaluation
 
 
+def multi_query_head(model_config):
+  """True when the head draws N_q > 1 masks (qIoU and S-ent then say something)."""
+  m = model_config
+  if m.name == 'lavt' and m.lavt.head != 'aligner':
+    return False
+  return m.num_queries > 1 and m.aligner.mode == 'aligner'
+
+
+def collapse_warning(config, split, step, result):
+  """One line when the queries draw nearly the same mask (qIoU >= eval.collapse_qiou), else None."""
+  qiou = result.get('query_mask_iou')
+  if qiou is None or not multi_query_head(config.model) or qiou < config.eval.collapse_qiou:
+    return None
+  return (f'warning: the {config.model.num_queries} queries have collapsed on {split} at step '
+          f'{step}: qIoU {100 * qiou:.2f}% >= eval.collapse_qiou={100 * config.eval.collapse_qiou:g}% '
+          f'(S-ent {100 * result["score_entropy"]:.2f}%), so they draw nearly one mask and the '
+          'aligner works as a single kernel (table III\'s fixed row); what it means and what to '
+          'try: docs/training.md, "When the queries collapse"')
+
+
 def format_table(split, step, result):
   """METRIC_KEYS' columns, then qIoU (query_mask_iou) and S-ent (score_entropy); '-': absent."""
   keys = metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS
@@ -359,6 +379,10 @@ def validate(config, predict, state, mesh, step, writer, bar, num_images=0):
                         metrics_lib.METRIC_KEYS + metrics_lib.DIVERSITY_KEYS if k in result})
   writer.images(step, 'val/predictions', images)
   bar.write(format_table(config.data.val_split, step, result))
+  warning = collapse_warning(config, config.data.val_split, step, result)
+  if warning:
+    logging.warning(warning)
+    bar.write(warning)
   return result
 
 
