@@ -70,10 +70,6 @@ def get_config():
   m.query_generator = q = ml_collections.ConfigDict()
   q.use_global_vision = True  # eq. 8 with F_vg (table IV); off: F_t alone
   q.scale_word_attention = False  # eq. 9 logits / sqrt(C): a departure (the paper has no scale)
-  # W_vd of eq. 9 initialised at this many times Flax's default (lecun_normal) scale. At 1 the
-  # word attention starts uniform and the N_q queries as one (docs/training.md, "When the
-  # queries collapse"); same equation, other initial values.
-  q.vd_init_scale = 1.0
 
   m.decoder = d = ml_collections.ConfigDict()
   d.num_layers = 3

@@ -46,8 +46,6 @@ def validate_config(m):
   for field in ('kernel_activation', 'feature_activation'):
     if m.aligner[field] not in aligner_lib.ACTIVATIONS:
       fail(f'aligner.{field}', m.aligner[field], f'must be one of {sorted(aligner_lib.ACTIVATIONS)}')
-  if not m.query_generator.vd_init_scale > 0:
-    fail('query_generator.vd_init_scale', m.query_generator.vd_init_scale, 'must be > 0')
   if m.head_norm not in layers.HEAD_NORMS:
     fail('head_norm', m.head_norm, f'must be one of {layers.HEAD_NORMS}')
   if m.aligner.conv_impl not in dynamic_conv.FORMS:
@@ -106,7 +104,7 @@ class EAVL(nn.Module):
     g = m.query_generator
     f_q = query_generator_lib.QueryGenerator(
         c, m.num_queries, g.use_global_vision, g.scale_word_attention, m.head_norm,
-        m.gates_open_at_init, g.vd_init_scale, dtype, name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask, train=train)
+        m.gates_open_at_init, dtype, name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask, train=train)
     # F_q (B, N_q, C)
 
     d = m.decoder

@@ -177,7 +177,7 @@ class AlignerHead(nn.Module):
     g = m.query_generator
     f_q = query_generator_lib.QueryGenerator(
         c, m.num_queries, g.use_global_vision, g.scale_word_attention, m.head_norm,
-        m.gates_open_at_init, g.vd_init_scale, dtype, name='query_generator')(
+        m.gates_open_at_init, dtype, name='query_generator')(
             f_v2, f_v3, f_v4, f_vg, f_t, word_mask, train=train)      # eq. 6-10: F_q (B, N_q, C)
     a = m.aligner
     return aligner_lib.Aligner(c, 'aligner', a.use_estimator, a.estimator_heads,

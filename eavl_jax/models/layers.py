@@ -125,14 +125,10 @@ class ProjectReLU(nn.Module):
   norm: str                   # `model.head_norm` (Norm's kind)
   dtype: jnp.dtype = jnp.float32
   open_at_init: bool = False
-  init_scale: float = 1.0     # the kernel's initial values times this (1: Flax's lecun_normal)
 
   @nn.compact
   def __call__(self, x, train=False, mask=None):
     init = {}
-    if self.init_scale != 1.0:
-      init = dict(kernel_init=nn.initializers.variance_scaling(self.init_scale ** 2, 'fan_in',
-                                                               'truncated_normal'))
     if self.open_at_init and self.norm == 'none':
       init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.ones)
     x = Dense(self.features, dtype=self.dtype, **init)(x)

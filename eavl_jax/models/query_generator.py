@@ -14,7 +14,6 @@ class QueryGenerator(nn.Module):
   scale_word_attention: bool  # eq. 9 divided by sqrt(C): a departure
   norm: str                   # the head's norm inside each σ(XW) and conv: layers.HEAD_NORMS
   gate_open_at_init: bool     # σ(F_vg W_vg) of eq. 8 starts at 1 (layers.ProjectReLU)
-  vd_init_scale: float        # W_vd of eq. 9 starts at this many times Flax's default scale
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -46,8 +45,7 @@ class QueryGenerator(nn.Module):
 
     # Vision-guided word attention (eq. 9). W_vd maps the H3*W3 positions to C, so the model is
     # built for one input size.
-    q = layers.ProjectReLU(c, self.norm, self.dtype, init_scale=self.vd_init_scale, name='vd')(
-        f_vd, train)                                                # σ(f_vdn W_vd): (B, N_q, C)
+    q = proj(c, 'vd')(f_vd)                                         # σ(f_vdn W_vd): (B, N_q, C)
     k = proj(c, 'a', words)(f_tv)                                   # σ(f_tvi W_a):  (B, L, C)
     a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32)        # eq. 9: a_ni (B, N_q, L)
     if self.scale_word_attention:
