@@ -93,3 +93,37 @@ def test_the_warning_follows_the_threshold():
   assert 'qIoU 89.00% >= eval.collapse_qiou=85%' in trainer.collapse_warning(
       config, 'val', 1, result)
   assert trainer.collapse_warning(config, 'val', 1, {'oIoU': 0.5}) is None   # no masks reported
+
+
+def _train_batch(config):
+  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  loader = input_pipeline.make_train_loader(config, seed=0, shard_index=0, shard_count=1,
+                                            batch_size=config.train.global_batch_size)
+  b = next(loader)
+  return {k: b[k] for k in ('image', 'input_ids', 'attention_mask', 'mask')}
+
+
+def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
+  """tools/query_collapse.py: with eq. 11's σ linear every query's gradient through eq. 11-12 is
+  the same vector (g_kern = 1); with a ReLU it is not; identical queries read as identical at
+  every stage."""
+  from tools import query_collapse  # pylint: disable=g-import-not-at-top
+  config = _config(synthetic_records)
+  model = eavl.build_model(config.model)
+  batch = _train_batch(config)
+  variables = _init(config)
+  row = jax.device_get(query_collapse.make_diagnose(config, model)(variables, batch))
+  assert row['g_kern'] == pytest.approx(1.0, abs=1e-5)
+  assert row['F_q'] < 1.0 - 1e-6 and row['A_tv'] > 0
+  same = jax.device_get(query_collapse.make_diagnose(config, model)(
+      _identical_queries(variables), batch))
+  for key in ('f_vd', 'q', 'F_q', 'W_q', 'g_cos', 'g_kern', 'qIoU'):
+    assert same[key] == pytest.approx(1.0, abs=1e-5), key
+  assert same['A_tv'] == pytest.approx(0.0, abs=1e-6)
+
+  def relu_kernels(m):
+    m.aligner.kernel_activation = 'relu'
+  config = _config(synthetic_records, relu_kernels)
+  model = eavl.build_model(config.model)
+  row = jax.device_get(query_collapse.make_diagnose(config, model)(_init(config), batch))
+  assert row['g_kern'] < 0.999
