@@ -320,6 +320,34 @@ def test_weighted_cross_entropy_is_torchs_with_class_weights():
     losses.loss_fn(jnp.asarray(d), jnp.asarray(gt), config)
 
 
+def test_lavts_loss_upsamples_with_the_corners_aligned_as_its_model():
+  """model.name='lavt': the loss at the input size is LAVT's train.py criterion on its model's
+  output, the (background, object) map upsampled by F.interpolate(align_corners=True); EAVL's
+  model keeps half-pixel centres (the previous behaviour, to the bit)."""
+  rng = np.random.default_rng(5)
+  classes = rng.normal(size=(3, 2, 8, 8)).astype(np.float32) * 3   # (B, 2, S/4, S/4)
+  gt = (rng.random((3, 32, 32)) < 0.3).astype(np.uint8)
+  config = lavt_refcoco.get_config()
+  assert losses.corners_aligned(config.model) and not losses.corners_aligned(synthetic.get_config().model)
+  corners = losses.corners_aligned(config.model)
+  output = F.interpolate(torch.tensor(classes), size=(32, 32), mode='bilinear', align_corners=True)
+  want = F.cross_entropy(output, torch.tensor(gt).long(), weight=torch.tensor([0.9, 1.1])).item()
+  d = jnp.asarray(classes[:, 1] - classes[:, 0])                  # the model's logit
+  got = float(losses.loss_fn(d, jnp.asarray(gt), config.loss, corners))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  half = float(losses.loss_fn(d, jnp.asarray(gt), config.loss))
+  assert abs(half - want) > 1e-3 * want                            # the other resize is not it
+  # EAVL's loss at the input size: half-pixel centres, i.e. the loss of the logits resized by
+  # jax.image.resize and taken where they already are (the ground truth's size).
+  eavl_loss = synthetic.get_config().loss
+  eavl_loss.at_input_size = True
+  at_32 = eavl_loss.copy_and_resolve_references()
+  at_32.at_input_size, at_32.target_resize = False, 'nearest'
+  half_pixel = jax.image.resize(d, (3, 32, 32), 'linear', antialias=False)
+  np.testing.assert_array_equal(losses.per_sample_loss(d, jnp.asarray(gt), eavl_loss),
+                                losses.per_sample_loss(half_pixel, jnp.asarray(gt), at_32))
+
+
 def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
   """160²: stage maps 40, 20, 10, 5 with window 4; the last two are padded (12, 8), none clamped.
   pad_before_shift gives HF's maps (it pads, then rolls, as LAVT's Swin); timm's order does not
