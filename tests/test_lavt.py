@@ -383,6 +383,101 @@ def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
   assert np.abs(np.asarray(timm_order[3]) - want[3]).max() > 1e-2
 
 
+def lavt_swin_block(x, p, heads, window_size, shift_size):
+  """LAVT-RIS lib/backbone.py's SwinTransformerBlock (with MMBasicLayer's shift mask), in numpy
+  float64 on the flax block's parameters: the window and the shift as configured whatever the
+  map's size; the map padded at the bottom / right to a multiple of the window, then rolled.
+  x (B, H, W, C) -> (B, H, W, C)."""
+  f = lambda a: np.asarray(a, np.float64)
+  norm = lambda y, q: ((y - y.mean(-1, keepdims=True))
+                       / np.sqrt(y.var(-1, keepdims=True) + 1e-5)) * f(q['scale']) + f(q['bias'])
+  dense = lambda y, q: y @ f(q['kernel']) + f(q['bias'])
+  b, h, w, c = x.shape
+  ws = window_size
+  shortcut, y = x, norm(x, p['norm1'])
+  pad_r, pad_b = (ws - w % ws) % ws, (ws - h % ws) % ws
+  y = np.pad(y, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+  hp, wp = h + pad_b, w + pad_r
+  partition = lambda t: t.reshape(t.shape[0], hp // ws, ws, wp // ws, ws, -1).transpose(
+      0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, t.shape[-1])
+  mask = None
+  if shift_size > 0:
+    y = np.roll(y, (-shift_size, -shift_size), axis=(1, 2))
+    img_mask = np.zeros((1, hp, wp, 1))
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift_size), slice(-shift_size, None)):
+      for wsl in (slice(0, -ws), slice(-ws, -shift_size), slice(-shift_size, None)):
+        img_mask[:, hs, wsl, :] = cnt
+        cnt += 1
+    mask_windows = partition(img_mask)[..., 0]                           # (nW, N)
+    mask = mask_windows[:, None, :] - mask_windows[:, :, None]
+    mask = np.where(mask != 0, -100.0, 0.0)
+  xw = partition(y)                                                      # (B nW, N, C)
+  n, d = ws * ws, c // heads
+  coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing='ij')).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+  index = rel[..., 0] * (2 * ws - 1) + rel[..., 1]                       # (N, N)
+  bias = f(p['attn']['relative_position_bias_table'])[index.reshape(-1)].reshape(n, n, heads)
+  qkv = dense(xw, p['attn']['qkv']).reshape(-1, n, 3, heads, d).transpose(2, 0, 3, 1, 4)
+  q, k, v = qkv[0] * d ** -0.5, qkv[1], qkv[2]
+  attn = q @ k.transpose(0, 1, 3, 2) + bias.transpose(2, 0, 1)[None]    # (B nW, h, N, N)
+  if mask is not None:
+    nw = mask.shape[0]
+    attn = (attn.reshape(-1, nw, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
+  attn = np.exp(attn - attn.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  out = dense((attn @ v).transpose(0, 2, 1, 3).reshape(-1, n, c), p['attn']['proj'])
+  out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, hp, wp, c)
+  if shift_size > 0:
+    out = np.roll(out, (shift_size, shift_size), axis=(1, 2))
+  x = shortcut + out[:, :h, :w]
+  hidden = dense(norm(x, p['norm2']), p['mlp']['fc1'])
+  hidden = hidden * 0.5 * (1 + special.erf(hidden / np.sqrt(2)))
+  return x + dense(hidden, p['mlp']['fc2'])
+
+
+@pytest.mark.parametrize('size', [5, 7, 9, 16])
+def test_swin_pads_small_maps_up_to_the_window_and_keeps_the_shift_as_lavts(size):
+  """Window 7 (shift 3): maps of 5² and 7² are not larger than the window, where timm's rule
+  (EAVL's) shrinks the window and drops the shift; LAVT pads up to the window and keeps the shift
+  and its mask (pad_small_maps=True, what model.name='lavt' builds). 9² and 16²: larger maps,
+  the same for both rules of the small maps."""
+  rng = np.random.default_rng(size)
+  x = rng.normal(size=(2, size, size, 8)).astype(np.float32)
+  block = lambda **kw: swin.SwinBlock(num_heads=2, window_size=7, shifted=True, mlp_ratio=2.0,
+                                      drop_path=0.0, pad_before_shift=True, **kw)
+  params = block(pad_small_maps=True).init(jax.random.key(size), jnp.asarray(x))['params']
+  params = jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(np.float32), params)
+  want = lavt_swin_block(x.astype(np.float64), params, 2, 7, 3)
+  lavt_rule = np.asarray(block(pad_small_maps=True).apply({'params': params}, x))
+  np.testing.assert_allclose(lavt_rule, want, atol=1e-4)
+  timm_rule = np.asarray(block().apply({'params': params}, x))
+  if size <= 7:
+    assert np.abs(timm_rule - want).max() > 1e-2
+  else:
+    np.testing.assert_allclose(timm_rule, lavt_rule, atol=1e-5)
+
+
+def test_lavt_builds_its_swin_with_lavts_rules(monkeypatch):
+  """model.name='lavt' builds the Swin with pad_before_shift and pad_small_maps (LAVT's); EAVL
+  with neither (timm's)."""
+  built = {}
+  original = swin.SwinTransformer
+
+  def recording(*args, **kwargs):
+    built[kwargs.get('name')] = {k: kwargs.get(k, False)
+                                 for k in ('pad_before_shift', 'pad_small_maps')}
+    return original(*args, **kwargs)
+  monkeypatch.setattr(swin, 'SwinTransformer', recording)
+  for name, config in (('lavt', tiny()), ('eavl', tiny_config.get_config())):
+    built.clear()
+    model = eavl.build_model(config.model)
+    jax.eval_shape(model.init, jax.random.key(0), *random_batch(config.model, 1)[:3])
+    assert list(built.values()) == [{'pad_before_shift': name == 'lavt',
+                                     'pad_small_maps': name == 'lavt'}], name
+
+
 # ------------------------------------------------------------------ a checkpoint in LAVT's layout
 
 
