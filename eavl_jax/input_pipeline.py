@@ -53,7 +53,8 @@ TOKEN_RULES = {
     'keep_sep': '[CLS] words [SEP] truncated to L keeping [SEP], padded with [PAD]',
     # LAVT's ReferDataset: encode(add_special_tokens=True), cut at L (a long sentence loses its
     # [SEP]), then 0s up to L; the attention mask is 1 on the kept ids.
-    'lavt': 'encode with [CLS] and [SEP], then cut at L (a long sentence loses [SEP]), padded with 0',
+    'lavt': 'encode with [CLS] and [SEP], then cut at L (a long sentence loses [SEP]), '
+            'padded with 0',
 }
 # How the eval images are made (decode_image):
 IMAGE_RULES = {

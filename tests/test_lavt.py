@@ -3,6 +3,8 @@ attention and the language gate against numpy written from LAVT's formulas, padd
 gradients of both heads, its loss against torch, its Swin's padding order against Hugging Face's,
 loading a checkpoint in LAVT's key layout, and train / evaluate / predict end to end."""
 import argparse
+import importlib
+import json
 import os
 
 import jax
@@ -679,6 +681,15 @@ def test_configs():
     assert (got.model.name, got.model.lavt.head) == ('lavt', head)
     got.model.name, got.model.lavt.head = 'eavl', 'fixed'
     assert got.to_dict() == want.to_dict()   # the synthetic recipe, nothing else changed
+  # The other data sets of LAVT's README: lavt_refcoco.py but the data set and its splits (LAVT's
+  # ReferDataset keeps 20 tokens on every data set).
+  for dataset, splits in (('refcocop', ('val', 'testA', 'testB')),
+                          ('refcocog_umd', ('val', 'test')), ('refcocog_google', ('val',))):
+    got = importlib.import_module(f'configs.lavt_{dataset}').get_config()
+    assert (got.data.dataset, tuple(got.data.eval_splits)) == (dataset, splits)
+    assert set(evaluate.LAVT_README[dataset]) == set(splits)
+    got.data.dataset, got.data.eval_splits = 'refcoco', c.data.eval_splits
+    assert got.to_dict() == c.to_dict()
 
 
 @pytest.mark.slow
@@ -705,3 +716,68 @@ def test_train_evaluate_predict_end_to_end(synthetic_records, tmp_path):
                                 str(tmp_path / 'out.png'))
   assert result['mask'].shape == (40, 60) and written == [str(tmp_path / 'out.png')]
   assert os.path.exists(written[0])
+
+
+# ------------------------------------------------------------------ a released file, evaluated
+
+
+def released_files(tmp_path, sd, bert_sd):
+  """The layouts LAVT-RIS writes: {'model', 'bert_model', ...} (--model lavt), BERT inside
+  'model' under 'text_encoder.' (--model lavt_one), and each with DDP's 'module.' prefix."""
+  rest = {'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 39,
+          'lr_scheduler': {'last_epoch': 3}}
+  one = {**sd, **{f'text_encoder.{k}': v for k, v in bert_sd.items()}}
+  module = lambda d: {f'module.{k}': v for k, v in d.items()}
+  layouts = {
+      'lavt': {'model': sd, 'bert_model': bert_sd, 'args': argparse.Namespace(model='lavt')},
+      'lavt_one': {'model': one, 'args': argparse.Namespace(model='lavt_one')},
+      'lavt_module': {'model': module(sd), 'bert_model': module(bert_sd),
+                      'args': argparse.Namespace(model='lavt')},
+      'lavt_one_module': {'model': module(one), 'args': argparse.Namespace(model='lavt_one')}}
+  paths = {}
+  for name, state in layouts.items():
+    paths[name] = str(tmp_path / f'{name}.pth')
+    torch.save({**state, **rest}, paths[name])
+  return paths
+
+
+def test_released_files_of_both_layouts_evaluate_alike(synthetic_records, tmp_path):
+  """`python -m eavl_jax.evaluate --released`: the file model.lavt.pretrained names, in any of
+  LAVT's layouts, gives the same variables (every leaf from the file) and the same numbers; the
+  JSON names the file and the scoring."""
+  config = tiny('fixed')
+  config.data.data_dir, config.data.eval_max_size = synthetic_records, 128
+  config.eval.protocol = 'lavt'
+  sd, bert_sd = lavt_state_dicts(config.model, seed=3)
+  paths = released_files(tmp_path, sd, bert_sd)
+  mesh = sharding.make_mesh(config.mesh)
+  loaded = {}
+  for name, path in paths.items():
+    config.model.lavt.pretrained = path
+    loaded[name] = jax.device_get(evaluate.released_variables(config, mesh))
+  want = report.flatten(loaded['lavt'])
+  np.testing.assert_array_equal(want['params/classifier/bias'], sd['classifier.conv1_1.bias'])
+  np.testing.assert_array_equal(
+      want['params/text_encoder/encoder/layer/1/output/dense/kernel'],
+      bert_sd['encoder.layer.1.output.dense.weight'].numpy().T)
+  for name in paths:
+    got = report.flatten(loaded[name])
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{name}: {k}')
+
+  config.model.lavt.pretrained = paths['lavt_one_module']
+  step, results, json_file = evaluate.run(config, str(tmp_path / 'run'), splits=['val'],
+                                          released=True)
+  assert step == evaluate.RELEASED_STEP and results['val']['samples'] > 0
+  with open(json_file) as f:
+    saved = json.load(f)
+  assert saved['checkpoint'] == paths['lavt_one_module'] and saved['step'] == 'released'
+  assert saved['scoring']['protocol'] == 'lavt' and saved['scoring']['image_size'] == 64
+  assert saved['splits']['val']['lavt_test']['seg_total'] == results['val']['samples']
+  with pytest.raises(ValueError, match='--released'):
+    evaluate.run(config, str(tmp_path / 'run'), splits=['val'], released=True, checkpoint='2')
+  eavl_config = tiny_config.get_config()
+  eavl_config.data.data_dir = synthetic_records
+  with pytest.raises(ValueError, match="model.name='lavt'"):
+    evaluate.run(eavl_config, str(tmp_path / 'eavl'), splits=['val'], released=True)
