@@ -192,14 +192,20 @@ def write_json(path, record, results):
 RELEASED_STEP = 'released'   # the step of a --released evaluation (its JSON's and table's)
 
 
-def released_variables(config, mesh):
-  """The model's variables from the released LAVT file config.model.lavt.pretrained (LAVT-RIS's
-  .pth, either layout; eavl_jax/weights/lavt.py), replicated over the mesh."""
+def check_released(config):
+  """--released needs a LAVT model and the file: one clear error otherwise."""
   m = config.model
   if m.name != 'lavt' or not m.lavt.pretrained:
     raise ValueError("--released evaluates the file model.lavt.pretrained names: it needs "
                      f"model.name='lavt' (got {m.name!r}) and model.lavt.pretrained set "
                      f'(got {m.lavt.pretrained!r})')
+
+
+def released_variables(config, mesh):
+  """The model's variables from the released LAVT file config.model.lavt.pretrained (LAVT-RIS's
+  .pth, either layout; eavl_jax/weights/lavt.py), replicated over the mesh."""
+  check_released(config)
+  m = config.model
   model_config = weights.with_checkpoint_text_sizes(m)
   model = eavl.build_model(model_config)
   inputs = eavl.dummy_inputs(model_config, 1)
@@ -218,6 +224,8 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
   if released and (checkpoint is not None or best):
     raise ValueError('give --released (the file model.lavt.pretrained names) or --checkpoint / '
                      '--best, not both')
+  if released:
+    check_released(config)   # before the data are read or generated
   config = trainer.prepare_data(config, workdir)   # synthetic: the records under workdir/data
   splits = list(splits or config.data.eval_splits)
   if not splits:

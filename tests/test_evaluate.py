@@ -236,3 +236,22 @@ def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthet
     json.dump({**json.loads(written[0][1]), 'checkpoint': '/elsewhere/checkpoints/2'}, f)
   with pytest.raises(ValueError, match='holds the results of'):
     evaluate.run(tiny_trained.config(), workdir, splits=['val'], checkpoint=step_dir)
+
+
+def test_tables_under_protocol_lavt_print_test_pys_numbers_and_lavts_readme():
+  """Under 'lavt' the tables print test.py's numbers (its arithmetic, not 100 x our fraction) and
+  its printout per split; a LAVT model's reference row is LAVT's README."""
+  i, u = [7, 0, 3, 1], [10, 4, 3, 3]
+  result = {**metrics.summarize(i, u), 'lavt_test': metrics.lavt_test(i, u)}
+  text = evaluate.format_tables('refcoco', 'released', {'val': result},
+                                "protocol 'lavt' (scored at the 480x480 input size)", 'lavt')
+  lines = text.splitlines()
+  assert lines[0].startswith('LAVT on RefCOCO, checkpoint step released')
+  oiou = next(line for line in lines if line.startswith('oIoU '))
+  assert oiou.split()[-1] == '%.2f' % result['lavt_test']['overall IoU']
+  readme = lines[lines.index(oiou) + 1].split()
+  assert readme[-1] == '%.2f' % evaluate.LAVT_README['refcoco']['val'][5] and 'README' in readme
+  assert metrics.lavt_test_printout(result['lavt_test']).rstrip('\n') in text
+  eavl_text = evaluate.format_tables('refcoco', 1, {'val': metrics.summarize(i, u)},
+                                     "protocol 'original'")
+  assert 'paper (EAVL)' in eavl_text and 'Final results' not in eavl_text
