@@ -25,6 +25,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -215,6 +216,17 @@ def released_variables(config, mesh):
   return jax.device_put(loaded, sharding.replicated(mesh))
 
 
+def warn_if_not_lavts_records(scoring):
+  """Protocol 'lavt' on records LAVT would not have read (pre-resized images, union masks): the
+  numbers are not test.py's to the digit; says so in the log (the JSON's scoring records it)."""
+  records = scoring['records']
+  if scoring['protocol'] == 'lavt' and (records['resize_to'] or records['mask_rule'] != 'lavt'):
+    logging.warning("eval.protocol='lavt' on records built with resize_to=%d, mask_rule=%r: LAVT "
+                    "reads the original JPEGs and its own masks (data_prep.build without "
+                    "--resize_to, with --mask_rule=lavt), so the digits may differ from its "
+                    "test.py's", records['resize_to'], records['mask_rule'])
+
+
 def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size=None,
         released=False):
   """Restores (or, released=True, reads model.lavt.pretrained), evaluates every split, writes the
@@ -241,6 +253,7 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
   record = {'step': step, 'dataset': config.data.dataset,
             'data_dir': os.path.abspath(config.data.data_dir), 'protocol': config.eval.protocol,
             'checkpoint': source, 'scoring': evaluation.scoring_record(config)}
+  warn_if_not_lavts_records(record['scoring'])
   path = json_path(workdir, record)
   read_splits(path, record)   # another record's file: an error before the evaluation
   predict = trainer.make_predict_fn(

@@ -255,3 +255,16 @@ def test_tables_under_protocol_lavt_print_test_pys_numbers_and_lavts_readme():
   eavl_text = evaluate.format_tables('refcoco', 1, {'val': metrics.summarize(i, u)},
                                      "protocol 'original'")
   assert 'paper (EAVL)' in eavl_text and 'Final results' not in eavl_text
+
+
+def test_protocol_lavt_on_records_lavt_would_not_read_is_logged(caplog):
+  scoring = lambda protocol, **records: {'protocol': protocol,
+                                         'records': {'resize_to': 0, 'mask_rule': 'lavt', **records}}
+  for quiet in (scoring('lavt'), scoring('original', mask_rule='union')):
+    caplog.clear()
+    evaluate.warn_if_not_lavts_records(quiet)
+    assert 'mask_rule' not in caplog.text
+  for loud in (scoring('lavt', mask_rule='union'), scoring('lavt', resize_to=480)):
+    caplog.clear()
+    evaluate.warn_if_not_lavts_records(loud)
+    assert "eval.protocol='lavt' on records built with" in caplog.text
