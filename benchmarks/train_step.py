@@ -235,8 +235,9 @@ def time_components(step, variables, repeats):
   logits = jnp.asarray(np.random.default_rng(0).normal(size=out_shapes['logits'].shape),
                        jnp.float32)
   mask = jnp.asarray(random_batch(step.config, step.batch_size)['mask'])
-  loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss))
-  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss))
+  corners = losses.corners_aligned(step.config.model)
+  loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss, corners))
+  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss, corners))
                       ).lower(logits).compile()
   rows.append(dict(component='loss',
                    fwd_s=common.median_seconds(lambda: jax.block_until_ready(loss(logits)),

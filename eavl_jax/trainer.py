@@ -66,7 +66,8 @@ def make_train_step(model, tx, schedule, config, frozen, mesh=None):
                                batch['input_ids'], batch['attention_mask'], train=True,
                                refs_per_image=refs_per_image, rngs={'dropout': rng},
                                mutable=['batch_stats'])
-    loss = losses.loss_fn(out['logits'], batch['mask'], config.loss)
+    loss = losses.loss_fn(out['logits'], batch['mask'], config.loss,
+                          losses.corners_aligned(config.model))
     return loss, updated.get('batch_stats', {})
 
   def train_step(state, batch, rng):
