@@ -48,18 +48,9 @@ FORMS = {'vmap_conv': dynamic_conv.vmap_conv, 'grouped_conv': grouped_conv,
 GOAL = 1.1  # the model's form within this factor of the fastest
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--shapes', default='paper,small', help='comma-separated: paper, small')
-  parser.add_argument('--json_out', default='')
-  args = parser.parse_args()
-  wanted = args.shapes.split(',')
-  unknown = set(wanted) - {name.split()[0] for name in SHAPES}
-  if unknown:
-    parser.error(f'--shapes: unknown {sorted(unknown)}; known: paper, small')
-  shapes = {name: shape for name, shape in SHAPES.items() if name.split()[0] in wanted}
-
+def measure(shapes, repeats):
+  """-> rows {shape, form, backend, fwd_ms, fwd_bwd_ms, fwd_ratio, fwd_bwd_ratio} of every form of
+  FORMS at each of `shapes` ({name: (B, H, W, C_p, N_q)}); ratio: time / the fastest form's."""
   results = []
   for shape_name, (b, h, w, c, n) in shapes.items():
     rng = np.random.default_rng(0)
@@ -76,11 +67,31 @@ def main():
       fwd_bwd_calls.append(lambda f=fwd_bwd: jax.block_until_ready(f(*inputs)))
     # the forms in turn within each repeat, so that a change of load on the machine hits all alike;
     # forward passes apart from backward ones, so that no short call follows a long one
-    fwd_s = common.interleaved_medians(fwd_calls, args.repeats, warmup=1)
-    fwd_bwd_s = common.interleaved_medians(fwd_bwd_calls, args.repeats, warmup=1)
-    for i, form in enumerate(FORMS):
-      results.append(dict(shape=shape_name, form=form, backend=jax.default_backend(),
-                          fwd_ms=1e3 * fwd_s[i], fwd_bwd_ms=1e3 * fwd_bwd_s[i]))
+    fwd_s = common.interleaved_medians(fwd_calls, repeats, warmup=1)
+    fwd_bwd_s = common.interleaved_medians(fwd_bwd_calls, repeats, warmup=1)
+    rows = [dict(shape=shape_name, form=form, backend=jax.default_backend(),
+                 fwd_ms=1e3 * fwd_s[i], fwd_bwd_ms=1e3 * fwd_bwd_s[i])
+            for i, form in enumerate(FORMS)]
+    best_f, best_fb = min(fwd_s), min(fwd_bwd_s)
+    for i, r in enumerate(rows):
+      r['fwd_ratio'], r['fwd_bwd_ratio'] = fwd_s[i] / best_f, fwd_bwd_s[i] / best_fb
+    results += rows
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--shapes', default='paper,small', help='comma-separated: paper, small')
+  parser.add_argument('--json_out', default='')
+  args = parser.parse_args()
+  wanted = args.shapes.split(',')
+  unknown = set(wanted) - {name.split()[0] for name in SHAPES}
+  if unknown:
+    parser.error(f'--shapes: unknown {sorted(unknown)}; known: paper, small')
+  shapes = {name: shape for name, shape in SHAPES.items() if name.split()[0] in wanted}
+
+  results = measure(shapes, args.repeats)
 
   conv_impl = base.get_config().model.aligner.conv_impl
   used = dynamic_conv.resolve_form(conv_impl)
@@ -92,10 +103,7 @@ def main():
   summary = []
   for shape_name in shapes:
     rows = [r for r in results if r['shape'] == shape_name]
-    best_f = min(r['fwd_ms'] for r in rows)
-    best_fb = min(r['fwd_bwd_ms'] for r in rows)
     for r in rows:
-      r['fwd_ratio'], r['fwd_bwd_ratio'] = r['fwd_ms'] / best_f, r['fwd_bwd_ms'] / best_fb
       r['used_by_model'] = r['form'] == used
       print(f'{shape_name:<36} {r["form"]:<18} {r["fwd_ms"]:>9.2f} {r["fwd_ratio"]:>7.2f} '
             f'{r["fwd_bwd_ms"]:>11.2f} {r["fwd_bwd_ratio"]:>7.2f} '

@@ -9,7 +9,7 @@ Weights are random (`vision_encoder.pretrained` and `text_encoder.pretrained` ar
 so nothing is read or downloaded; the sizes are the config's), the batch is random, one device.
 
 Sections:
-1. step: the jitted `trainer.make_train_step` at --batch: compile time (lower + compile),
+1. step: the jitted `steps.make_train_step` at --batch: compile time (lower + compile),
    steps/s and images/s (median of --steps after one warm-up step), XLA's FLOPs count.
 2. components (where the time goes): every top-level submodule of the model is run alone, jitted,
    on inputs of the shapes it gets inside the train step at --batch (its images and expressions;
@@ -46,7 +46,7 @@ from eavl_jax import hub  # pylint: disable=wrong-import-position
 from eavl_jax import losses  # pylint: disable=wrong-import-position
 from eavl_jax import optim  # pylint: disable=wrong-import-position
 from eavl_jax import train_state as train_state_lib  # pylint: disable=wrong-import-position
-from eavl_jax import trainer  # pylint: disable=wrong-import-position
+from eavl_jax import steps as steps_lib  # pylint: disable=wrong-import-position
 from eavl_jax.models import eavl  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -111,7 +111,7 @@ class Step:
     self.init = train_state_lib.make_init_fn(self.model, config.model, self.tx)
     self.abstract_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
     frozen = optim.frozen_mask(config.optim, self.abstract_state.params)
-    self.step_fn = trainer.make_train_step(self.model, self.tx, schedule, config, frozen)
+    self.step_fn = steps_lib.make_train_step(self.model, self.tx, schedule, config, frozen)
     self.jitted = jax.jit(self.step_fn, donate_argnums=0)
     self.abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype)
@@ -235,8 +235,9 @@ def time_components(step, variables, repeats):
   logits = jnp.asarray(np.random.default_rng(0).normal(size=out_shapes['logits'].shape),
                        jnp.float32)
   mask = jnp.asarray(random_batch(step.config, step.batch_size)['mask'])
-  loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss))
-  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss))
+  corners = losses.corners_aligned(step.config.model)
+  loss = jax.jit(lambda l: losses.loss_fn(l, mask, step.config.loss, corners))
+  loss_grad = jax.jit(jax.grad(lambda l: losses.loss_fn(l, mask, step.config.loss, corners))
                       ).lower(logits).compile()
   rows.append(dict(component='loss',
                    fwd_s=common.median_seconds(lambda: jax.block_until_ready(loss(logits)),

@@ -178,9 +178,11 @@ def get_config():
 
   # ---------------------------------------------------------------- evaluation
   # How validation and `python -m eavl_jax.evaluate` score a prediction (docs/evaluation.md):
-  # 'original': the logits upsampled bilinearly to each image's own size, against its original
-  # mask | 'lavt': at the model.image_size² input, against the mask resized there with nearest
-  # neighbour (LAVT's test, which the paper's LAVT-based rows of table I used).
+  # 'original': the logits upsampled bilinearly (half-pixel centres) to each image's own size,
+  # against its original mask | 'lavt': LAVT's test.py to the digit, for any model: its image
+  # decoding and token rule for the eval batches, the logits upsampled with the corners aligned
+  # to the model.image_size² input, against the mask resized there with nearest neighbour
+  # (the paper's LAVT-based rows of table I used it).
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = 'original'
   # Validation warns (one line) when the query masks' mean pairwise IoU reaches this: the N_q

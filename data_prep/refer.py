@@ -99,15 +99,31 @@ def sentence_text(sent: dict) -> str:
   return sent.get('raw', sent.get('sent'))
 
 
-def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
-  """(height, width) uint8 {0, 1}: the union of the annotation's polygons, or its RLE."""
+# How a ref's mask is made from its annotation (data_prep.build --mask_rule):
+MASK_RULES = {
+    'union': "the union of the annotation's polygons (pycocotools' merge), or its RLE",
+    # refer's getMask as LAVT reads it (data/dataset_refer_bert.py): the polygons decoded and
+    # summed, then annot[ref_mask == 1] = 1: where two polygons overlap the pixel is background.
+    'lavt': "refer's getMask, then == 1: pixels covered by exactly one polygon (LAVT)",
+}
+
+
+def annotation_mask(ann: dict, height: int, width: int, rule: str = 'union') -> np.ndarray:
+  """(height, width) uint8 {0, 1} by MASK_RULES[rule]: the union of the annotation's polygons,
+  or its RLE ('union'); LAVT's: the pixels of exactly one polygon ('lavt')."""
+  if rule not in MASK_RULES:
+    raise ValueError(f'mask rule {rule!r}: expected one of {sorted(MASK_RULES)}')
   seg = ann.get('segmentation')
   if not seg:
     raise ValueError(f'annotation {ann.get("id")}: empty segmentation {seg!r}')
   if isinstance(seg, list):                       # polygons
     if not all(isinstance(p, list) and len(p) >= 6 for p in seg):
       raise ValueError(f'annotation {ann.get("id")}: polygon with fewer than 3 points')
-    rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    polygons = mask_utils.frPyObjects(seg, height, width)
+    if rule == 'lavt':
+      m = mask_utils.decode(polygons).sum(axis=2)                       # (H, W): polygons per pixel
+      return (m == 1).astype(np.uint8)
+    rle = mask_utils.merge(polygons)
   elif isinstance(seg.get('counts'), list):       # uncompressed RLE
     rle = mask_utils.frPyObjects(seg, height, width)
   else:                                           # compressed RLE

@@ -5,6 +5,7 @@ encoded bytes (tfds.features.Image would need TF).
 
   image         bytes     the JPEG file as is, or re-encoded at `resize_to`² (JPEG, quality 95)
   mask          bytes     PNG (1 bit) of the original-size mask: union of the annotation's polygons / RLE
+                          (mask_rule 'union'), or LAVT's: the pixels of exactly one polygon ('lavt')
   height, width int32     original image size (the mask's size)
   sentences     bytes[S]  every expression of the ref (`raw`, as LAVT reads it), stored as is
   sentence_ids  int64[S]
@@ -57,12 +58,15 @@ class EavlRefer(tfds.core.GeneratorBasedBuilder):
   ]
 
   def __init__(self, *, refer_root: str | None = None, image_root: str | None = None,
-               resize_to: int | None = None, prepared: refer.Prepared | None = None, **kwargs):
+               resize_to: int | None = None, prepared: refer.Prepared | None = None,
+               mask_rule: str = 'union', **kwargs):
     """refer_root / image_root: the raw layout (only to build); resize_to: store images at that
     square size; prepared: refs already read and checked by `refer.prepare` (else read here and any
-    problem is an error)."""
+    problem is an error); mask_rule: refer.MASK_RULES' key."""
+    if mask_rule not in refer.MASK_RULES:
+      raise ValueError(f'--mask_rule={mask_rule!r}: expected one of {sorted(refer.MASK_RULES)}')
     self._refer_root, self._image_root = refer_root, image_root
-    self._resize_to, self._prepared = resize_to, prepared
+    self._resize_to, self._prepared, self._mask_rule = resize_to, prepared, mask_rule
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -104,6 +108,7 @@ class EavlRefer(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update({
         'refs_file': prepared.refs_path,
         'resize_to': self._resize_to or 0,
+        'mask_rule': self._mask_rule,
         'sentences_per_ref': {s: [len(r['sentences']) for r in refs]
                               for s, refs in prepared.refs.items()},
         'ref_ids': {s: [int(r['ref_id']) for r in refs] for s, refs in prepared.refs.items()},
@@ -130,7 +135,7 @@ class EavlRefer(tfds.core.GeneratorBasedBuilder):
       ann = prepared.annotations[ref['ann_id']]
       image = prepared.images[ref['image_id']]
       h, w = int(image['height']), int(image['width'])
-      mask = refer.annotation_mask(ann, h, w)
+      mask = refer.annotation_mask(ann, h, w, self._mask_rule)
       path = prepared.image_paths[ref['image_id']]
       yield index, {
           'image': self._image_bytes(path),

@@ -34,6 +34,41 @@ def describe_protocol(config):
   return f'protocol {protocol!r} (scored at {where})'
 
 
+# eval.protocol -> how the model's S/4 logits reach the scored size, and the ground truth there.
+UPSAMPLING = {'original': "bilinear, half-pixel centres (align_corners=False), to each image's "
+                          "original (H, W)",
+              'lavt': 'bilinear, corners aligned (align_corners=True, as LAVT\'s model), to the '
+                      'S x S input'}
+GROUND_TRUTH = {'original': "the record's mask at its original size",
+                'lavt': "the record's mask resized to S x S by PIL's nearest neighbour"}
+
+
+def scoring_record(config):
+  """Everything that decides the digits of an evaluation under config.eval.protocol, for the
+  eval JSON (two runs compare without reading code): the protocol, the sizes, how images, masks
+  and sentences become the model's inputs, how the logits are upsampled and thresholded, the
+  metrics' arithmetic, and what the records were built with (data_prep: resize_to, mask_rule)."""
+  protocol = config.eval.protocol
+  metrics.check_protocol(protocol)
+  token_rule, image_rule = input_pipeline.eval_rules(config)
+  t = config.model.text_encoder
+  return {
+      'protocol': protocol,
+      'image_size': config.model.image_size,
+      'image': input_pipeline.IMAGE_RULES[image_rule],
+      'ground_truth': GROUND_TRUTH[protocol],
+      'records': input_pipeline.records_metadata(config),
+      'max_tokens': config.model.max_tokens,
+      'token_rule': input_pipeline.TOKEN_RULES[token_rule],
+      'tokenizer': t.tokenizer or t.pretrained,
+      'logits_upsampling': UPSAMPLING[protocol],
+      'foreground': 'logit > 0 (the argmax of (background, object); a tie is background)',
+      'metrics': 'I, U per sentence; oIoU = sum I / sum U; mIoU = mean I/U (empty union: 0); '
+                 'Pr@X = share of I/U >= X' + ("; 'lavt_test': test.py's numbers in its "
+                                               "arithmetic" if protocol == 'lavt' else ''),
+  }
+
+
 def evaluate_split(config, predict_fn, split, *, mesh, batch_size=None, logits_on_canvas=False,
                    num_images=0):
   """Metrics of one split under config.eval.protocol: every sentence once, padding never counted.

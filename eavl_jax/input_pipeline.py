@@ -13,6 +13,10 @@ Eval batches add:
   valid           bool    (B,)          False for the padding that fills the last batches
   sentence_index  int32   (B,)
 
+Under eval.protocol='lavt' the eval batches are made as LAVT-RIS's test.py makes its inputs
+(docs/evaluation.md): the whole JPEG decoded, PIL's bilinear resize to S x S, ToTensor's / 255
+then Normalize's (x - mean) / std in float32, and LAVT's token rule (TOKEN_RULES).
+
 Train: one random sentence per ref per epoch (data.sentences = 'random', LAVT) or every sentence a
 sample ('all'); seeded shuffle, reshuffled every epoch, endless. With data.refs_per_image = K > 1
 the samples are images instead: each epoch every train image once, with K of its refs drawn at
@@ -38,6 +42,27 @@ MEAN_RGB = np.asarray([0.485, 0.456, 0.406], np.float32) * 255.0
 STD_RGB = np.asarray([0.229, 0.224, 0.225], np.float32) * 255.0
 _INV_STD = (1.0 / STD_RGB).astype(np.float32)
 _MEAN_OVER_STD = (MEAN_RGB / STD_RGB).astype(np.float32)
+# torchvision's Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]) on ToTensor's
+# x / 255: the constants as float32 tensors (LAVT's test.py and train.py).
+_TORCH_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+_TORCH_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+# How a sentence becomes L = model.max_tokens ids (Tokenize):
+TOKEN_RULES = {
+    # the tokenizer's truncation: [CLS] ... [SEP] always kept, then [PAD] up to L.
+    'keep_sep': '[CLS] words [SEP] truncated to L keeping [SEP], padded with [PAD]',
+    # LAVT's ReferDataset: encode(add_special_tokens=True), cut at L (a long sentence loses its
+    # [SEP]), then 0s up to L; the attention mask is 1 on the kept ids.
+    'lavt': 'encode with [CLS] and [SEP], then cut at L (a long sentence loses [SEP]), '
+            'padded with 0',
+}
+# How the eval images are made (decode_image):
+IMAGE_RULES = {
+    'draft': "PIL: JPEG DCT scaling while both sides stay >= S, bilinear to S x S; "
+             "x * (1 / (255 std)) - mean / std in float32",
+    'lavt': "PIL: the whole JPEG, bilinear to S x S (torchvision's resize of a PIL image); "
+            "(x / 255 - mean) / std in float32 (ToTensor, Normalize)",
+}
 
 
 # ------------------------------------------------------------------ records
@@ -167,14 +192,20 @@ def _sentence_items(sentences):
 # ------------------------------------------------------------------ per-sample processing
 
 
-def decode_image(jpeg: bytes, size: int) -> np.ndarray:
-  """JPEG bytes -> (size, size, 3) float32, bilinear resize, ImageNet mean/std normalised."""
+def decode_image(jpeg: bytes, size: int, rule: str = 'draft') -> np.ndarray:
+  """JPEG bytes -> (size, size, 3) float32, bilinear resize, ImageNet mean/std normalised, by
+  IMAGE_RULES[rule]: 'draft' (the project's, fast) or 'lavt' (LAVT's test.py, to the bit)."""
+  if rule not in IMAGE_RULES:
+    raise ValueError(f'image rule {rule!r}: expected one of {sorted(IMAGE_RULES)}')
   with Image.open(io.BytesIO(jpeg)) as im:
-    im.draft('RGB', (size, size))      # JPEG DCT scaling, only while both sides stay >= size
+    if rule == 'draft':
+      im.draft('RGB', (size, size))    # JPEG DCT scaling, only while both sides stay >= size
     im = im.convert('RGB')
     if im.size != (size, size):
       im = im.resize((size, size), Image.BILINEAR)
     pixels = np.asarray(im)                                          # (S, S, 3) uint8
+  if rule == 'lavt':
+    return (pixels.astype(np.float32) / np.float32(255) - _TORCH_MEAN) / _TORCH_STD
   image = np.multiply(pixels, _INV_STD, dtype=np.float32)            # (x - mean) / std
   image -= _MEAN_OVER_STD
   return image
@@ -193,16 +224,19 @@ _TOKENIZERS = {}      # per process: (tokenizer, pretrained) -> tokenizer
 
 
 class Tokenize:
-  """Text -> (input_ids, attention_mask) int32 (L,), truncated to L keeping [SEP]: the one
-  tokenisation of training, evaluation and `python -m eavl_jax.predict`."""
+  """Text -> (input_ids, attention_mask) int32 (L,) by TOKEN_RULES[rule]: 'keep_sep' (truncated
+  to L keeping [SEP]: training, evaluation and `python -m eavl_jax.predict`), or 'lavt' (LAVT's
+  ReferDataset: evaluation under eval.protocol='lavt')."""
 
   # A data set has a fixed set of sentences, each seen once per epoch: the ids of each are kept
   # (read-only arrays) after its first call, since the HF call costs ~1.4 ms a sentence, a fifth
   # of an in-process train batch of the embedded default (benchmarks/train_loader.py).
   CACHE_SIZE = 1 << 18
 
-  def __init__(self, text_config, max_tokens):
-    self._text_config, self._max_tokens = text_config, max_tokens
+  def __init__(self, text_config, max_tokens, rule='keep_sep'):
+    if rule not in TOKEN_RULES:
+      raise ValueError(f'token rule {rule!r}: expected one of {sorted(TOKEN_RULES)}')
+    self._text_config, self._max_tokens, self._rule = text_config, max_tokens, rule
     self._tokenizer = None
     self._cache = {}
 
@@ -218,14 +252,28 @@ class Tokenize:
       if key not in _TOKENIZERS:
         _TOKENIZERS[key] = hub.load_tokenizer(self._text_config)
       self._tokenizer = _TOKENIZERS[key]
-    out = self._tokenizer(text, max_length=self._max_tokens, truncation=True,
-                          padding='max_length', return_attention_mask=True)
-    ids = (np.asarray(out['input_ids'], np.int32), np.asarray(out['attention_mask'], np.int32))
+    if self._rule == 'lavt':
+      ids = lavt_token_ids(self._tokenizer, text, self._max_tokens)
+    else:
+      out = self._tokenizer(text, max_length=self._max_tokens, truncation=True,
+                            padding='max_length', return_attention_mask=True)
+      ids = (np.asarray(out['input_ids'], np.int32), np.asarray(out['attention_mask'], np.int32))
     for x in ids:
       x.flags.writeable = False
     if len(self._cache) < self.CACHE_SIZE:
       self._cache[text] = ids
     return ids
+
+
+def lavt_token_ids(tokenizer, text, max_tokens):
+  """LAVT's rule (data/dataset_refer_bert.py) -> (input_ids, attention_mask) int32 (L,):
+  encode with [CLS] and [SEP], keep the first L ids (a long sentence loses [SEP]), 0 after."""
+  kept = tokenizer.encode(text, add_special_tokens=True)[:max_tokens]
+  input_ids = np.zeros((max_tokens,), np.int32)
+  attention_mask = np.zeros((max_tokens,), np.int32)
+  input_ids[:len(kept)] = kept
+  attention_mask[:len(kept)] = 1
+  return input_ids, attention_mask
 
 
 def _sentence(record, j):
@@ -288,10 +336,11 @@ class _FlattenRefs(grain.transforms.Map):
 
 
 class _EvalSample(grain.transforms.Map):
-  """(record, sentence index) or None (padding) -> eval sample."""
+  """(record, sentence index) or None (padding) -> eval sample; image_rule: IMAGE_RULES'."""
 
-  def __init__(self, image_size, max_size, tokenize):
+  def __init__(self, image_size, max_size, tokenize, image_rule='draft'):
     self._size, self._max_size, self._tokenize = image_size, max_size, tokenize
+    self._image_rule = image_rule
 
   def map(self, element):
     s, m = self._size, self._max_size
@@ -311,7 +360,7 @@ class _EvalSample(grain.transforms.Map):
     mask_orig[:h, :w] = full
     input_ids, attention_mask = self._tokenize(_sentence(record, j))
     return {
-        'image': decode_image(record['image'], s),
+        'image': decode_image(record['image'], s, self._image_rule),
         'input_ids': input_ids,
         'attention_mask': attention_mask,
         'mask': np.asarray(Image.fromarray(full).resize((s, s), Image.NEAREST)),
@@ -338,8 +387,28 @@ def _data_loader(config, source, sampler, operations):
                               prefetch_buffer_size=config.data.read_buffer_size))
 
 
-def _tokenize(config):
-  return Tokenize(config.model.text_encoder, config.model.max_tokens)
+def _tokenize(config, rule='keep_sep'):
+  return Tokenize(config.model.text_encoder, config.model.max_tokens, rule)
+
+
+# eval.protocol -> (token rule, image rule) of the eval batches.
+EVAL_RULES = {'original': ('keep_sep', 'draft'), 'lavt': ('lavt', 'lavt')}
+
+
+def eval_rules(config):
+  """(TOKEN_RULES key, IMAGE_RULES key) of the eval batches under config.eval.protocol."""
+  if config.eval.protocol not in EVAL_RULES:
+    raise ValueError(f'eval.protocol={config.eval.protocol!r}: expected one of '
+                     f'{sorted(EVAL_RULES)}')
+  return EVAL_RULES[config.eval.protocol]
+
+
+def records_metadata(config):
+  """What the records were built with that changes the pixels: {'resize_to' (0: the JPEG as is),
+  'mask_rule'} (data_prep; absent from older builds: 0 and 'union')."""
+  metadata = _builder(config).info.metadata
+  return {'resize_to': int(metadata.get('resize_to', 0)),
+          'mask_rule': str(metadata.get('mask_rule', 'union'))}
 
 
 def make_train_loader(config, *, seed: int, shard_index: int, shard_count: int, batch_size: int):
@@ -399,7 +468,9 @@ def make_eval_loader(config, split: str, *, shard_index: int, shard_count: int, 
   source = _SentenceSource(records, f'{config.data.dataset}/{split}[{start}:{end}]',
                            items[start:end], length=num_batches * batch_size)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=False, num_epochs=1)
+  token_rule, image_rule = eval_rules(config)
   loader = _data_loader(config, source, sampler, [
-      _EvalSample(config.model.image_size, config.data.eval_max_size, _tokenize(config)),
+      _EvalSample(config.model.image_size, config.data.eval_max_size,
+                  _tokenize(config, token_rule), image_rule),
       grain.transforms.Batch(batch_size, drop_remainder=False)])
   return iter(loader)

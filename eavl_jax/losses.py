@@ -3,12 +3,16 @@
 
 Where (config.loss.at_input_size): on the S/4 map against the ground truth resized to it
 (config.loss.target_resize: by nearest, as CRIS, or by area: soft targets), or on the
-logits upsampled bilinearly to the input size S against the ground truth as it comes (LAVT), the
-resize evaluation applies before thresholding.
+logits upsampled bilinearly to the input size S against the ground truth as it comes (LAVT).
+That upsampling follows the model (`corners_aligned`): EAVL's with half-pixel centres, the resize
+of protocol 'original'; LAVT's (model.name='lavt') with the corners aligned, as LAVT's model ends
+(lib/_utils.py) and as protocol 'lavt' scores.
 """
 import jax
 import jax.numpy as jnp
 import optax
+
+from eavl_jax import resize
 
 LOSSES = ('bce', 'weighted_ce')
 
@@ -40,15 +44,23 @@ def dice_loss(logits, target, eps=1.0):
 def upsample_logits(logits, height, width):
   """(..., h, w) -> (..., height, width): bilinear, half-pixel centres, the resize of evaluation
   (metrics.upsample_to_canvas) and of predict.py."""
-  return jax.image.resize(logits, logits.shape[:-2] + (height, width), 'linear', antialias=False)
+  return resize.half_pixel(logits, height, width)
 
 
-def _placed(logits, gt_mask, loss_config):
-  """-> (logits, target) where the loss is taken (loss.at_input_size), both (B, h, w) float32."""
+def corners_aligned(model_config):
+  """Whether the loss at the input size upsamples with the corners aligned: LAVT's model does
+  (model.name='lavt'); EAVL keeps half-pixel centres."""
+  return model_config.name == 'lavt'
+
+
+def _placed(logits, gt_mask, loss_config, corners=False):
+  """-> (logits, target) where the loss is taken (loss.at_input_size), both (B, h, w) float32;
+  corners: `corners_aligned(config.model)`."""
   if loss_config.name not in LOSSES:
     raise ValueError(f'loss.name={loss_config.name!r}: must be one of {LOSSES}')
   if loss_config.at_input_size:
-    return upsample_logits(logits, *gt_mask.shape[1:]), gt_mask.astype(jnp.float32)  # (B, S, S)
+    up = resize.logits_to(logits, *gt_mask.shape[1:], corners)                    # (B, S, S)
+    return up, gt_mask.astype(jnp.float32)
   return logits, resize_mask(gt_mask, *logits.shape[1:], loss_config.target_resize)  # (B, h, w)
 
 
@@ -61,9 +73,9 @@ def weighted_cross_entropy(logits, target, class_weights):
   return weight * optax.sigmoid_binary_cross_entropy(logits, target), weight
 
 
-def per_sample_loss(logits, gt_mask, loss_config):
-  """logits (B, h, w) float32, gt_mask (B, S, S) -> (B,)."""
-  logits, target = _placed(logits, gt_mask, loss_config)
+def per_sample_loss(logits, gt_mask, loss_config, corners=False):
+  """logits (B, h, w) float32, gt_mask (B, S, S) -> (B,); corners: `corners_aligned`."""
+  logits, target = _placed(logits, gt_mask, loss_config, corners)
   if loss_config.name == 'weighted_ce':
     loss, weight = weighted_cross_entropy(logits, target, loss_config.class_weights)
     return loss.sum((1, 2)) / weight.sum((1, 2))
@@ -73,11 +85,12 @@ def per_sample_loss(logits, gt_mask, loss_config):
   return loss
 
 
-def loss_fn(logits, gt_mask, loss_config):
+def loss_fn(logits, gt_mask, loss_config, corners=False):
   """A scalar: the mean of `per_sample_loss` over the batch; 'weighted_ce': the weighted loss of
-  every pixel of the batch over the sum of their weights (torch's cross_entropy with `weight`)."""
+  every pixel of the batch over the sum of their weights (torch's cross_entropy with `weight`).
+  corners: `corners_aligned(config.model)` (the trainer passes it)."""
   if loss_config.name == 'weighted_ce':
-    loss, weight = weighted_cross_entropy(*_placed(logits, gt_mask, loss_config),
+    loss, weight = weighted_cross_entropy(*_placed(logits, gt_mask, loss_config, corners),
                                           loss_config.class_weights)
     return loss.sum() / weight.sum()
-  return per_sample_loss(logits, gt_mask, loss_config).mean()
+  return per_sample_loss(logits, gt_mask, loss_config, corners).mean()

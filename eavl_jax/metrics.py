@@ -2,9 +2,13 @@
 
   'original': the logits are upsampled bilinearly (half-pixel centres, edges clamped) to the
     image's original (H, W) and scored against the original-size mask.
-  'lavt' (LAVT's test): the logits are upsampled the same way to the S x S input, and scored
-    against the mask resized to S x S with nearest neighbour (the eval batch's 'mask').
-Per expression: foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|.
+  'lavt' (LAVT's test.py): the logits are upsampled bilinearly with the corners aligned (LAVT's
+    model's last F.interpolate, align_corners=True) to the S x S input, and scored against the
+    mask resized to S x S with nearest neighbour (the eval batch's 'mask'). `lavt_test` also
+    gives test.py's own numbers, computed in its arithmetic (printed digits equal).
+Per expression: foreground = logit > 0, I = |pred ∧ gt|, U = |pred ∨ gt|. (LAVT's argmax over
+(background, object) takes the first of equal logits: object iff its logit is strictly larger,
+i.e. the difference > 0.)
 Over a split: oIoU = ΣI / ΣU; mIoU = mean of I/U (an empty union counts 0, as in LAVT's test.py);
 Pr@X = share of expressions with I/U ≥ X.
 
@@ -27,6 +31,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from eavl_jax import resize
 from eavl_jax import sharding
 
 THRESHOLDS = (5, 6, 7, 8, 9)  # Pr@0.5 ... Pr@0.9, in tenths (compared exactly in integers)
@@ -106,11 +111,10 @@ def input_size_intersection_union(logits, mask):
 
   logits: (B, h, w) over the whole (resized, square) image, e.g. the model's S/4 map.
   mask: (B, S, S) {0, 1}, the ground truth resized to the input size with nearest neighbour.
-  The logits are upsampled bilinearly (half-pixel centres) to (S, S); foreground = logit > 0.
-  Returns I, U: (B,) int32.
+  The logits are upsampled bilinearly with the corners aligned (LAVT's model) to (S, S);
+  foreground = logit > 0 (test.py's argmax of the two classes). Returns I, U: (B,) int32.
   """
-  size = logits.shape[:1] + mask.shape[1:]
-  pred = jax.image.resize(logits.astype(jnp.float32), size, 'linear', antialias=False) > 0
+  pred = resize.align_corners(logits, *mask.shape[1:]) > 0         # (B, S, S)
   gt = mask > 0                                                     # (B, S, S)
   return (pred & gt).sum((1, 2), dtype=jnp.int32), (pred | gt).sum((1, 2), dtype=jnp.int32)
 
@@ -135,6 +139,35 @@ def summarize(intersections, unions):
     out[f'Pr@0.{k}'] = float(hit.mean()) if n else 0.0
   out['samples'] = n
   return out
+
+
+LAVT_THRESHOLDS = (.5, .6, .7, .8, .9)   # test.py's eval_seg_iou_list
+
+
+def lavt_test(intersections, unions):
+  """Per-sample I, U (in test.py's order) -> test.py's numbers, in its arithmetic:
+  {'cum_I', 'cum_U', 'seg_total', 'seg_correct' [5], 'Mean IoU', 'precision@0.5' ...
+  'precision@0.9', 'overall IoU'} (the last seven in %, as it prints them: mIoU*100.,
+  seg_correct*100./seg_total, cum_I*100./cum_U). An empty split or union gives 0."""
+  i = np.asarray(intersections, np.int64).reshape(-1)
+  u = np.asarray(unions, np.int64).reshape(-1)
+  ious = [float(a) * 1.0 / float(b) if b else 0.0 for a, b in zip(i, u)]   # this_iou
+  correct = [int(sum(iou >= t for iou in ious)) for t in LAVT_THRESHOLDS]
+  n, cum_i, cum_u = len(ious), int(i.sum()), int(u.sum())
+  out = {'cum_I': cum_i, 'cum_U': cum_u, 'seg_total': n, 'seg_correct': correct,
+         'Mean IoU': float(np.mean(np.array(ious)) * 100.) if n else 0.0}
+  for t, c in zip(LAVT_THRESHOLDS, correct):
+    out[f'precision@{t}'] = c * 100. / n if n else 0.0
+  out['overall IoU'] = cum_i * 100. / cum_u if cum_u else 0.0
+  return out
+
+
+def lavt_test_printout(numbers):
+  """`lavt_test`'s numbers -> the lines test.py prints after 'Final results:'."""
+  text = 'Mean IoU is %.2f\n' % numbers['Mean IoU'] + '\n'
+  for t in LAVT_THRESHOLDS:
+    text += '    precision@%s = %.2f\n' % (str(t), numbers[f'precision@{t}'])
+  return text + '    overall IoU = %.2f\n' % numbers['overall IoU']
 
 
 def query_mask_iou(masks):
@@ -205,7 +238,7 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   num_batches: every host must run the same number of steps; if given, a host whose loader is
     shorter continues with all-invalid batches (`padding_batch`, else zeros shaped like its last).
   protocol: 'original' (batch_intersection_union) | 'lavt' (input_size_intersection_union; no
-    logits_on_canvas).
+    logits_on_canvas; the result also holds 'lavt_test': test.py's numbers, `lavt_test`).
   Samples with valid=False (the padded tail) never count. Results are gathered over processes.
   """
   keys = eval_keys(protocol)
@@ -245,7 +278,10 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   if not inters:
     return summarize([], [])
   valid = np.concatenate(valids)
-  result = summarize(np.concatenate(inters)[valid], np.concatenate(unions)[valid])
+  i, u = np.concatenate(inters)[valid], np.concatenate(unions)[valid]
+  result = summarize(i, u)
+  if protocol == 'lavt':
+    result['lavt_test'] = lavt_test(i, u)
   if diversity is not None:   # no valid sample: 0, like the other metrics
     result.update({k: float(x / counted) if counted else 0.0
                    for k, x in zip(DIVERSITY_KEYS, diversity)})

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from eavl_jax import config_check
 from eavl_jax import errors
 from eavl_jax import train_state
 from eavl_jax import weights
@@ -202,6 +201,9 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required')
+  # Here, not at the top: the data layer's packages it loads (pycocotools, ...) are not needed by
+  # the library functions above (benchmarks/device_check.py runs them on a bare GPU machine).
+  from eavl_jax import config_check  # pylint: disable=g-import-not-at-top
   try:   # every config key and flag before anything is traced or compiled
     config_check.validate(config)
     if FLAGS.batch_size < 1 or FLAGS.iterations < 1 or FLAGS.warmup < 0:

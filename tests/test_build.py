@@ -279,3 +279,48 @@ def test_image_folder_with_neither_coco_form_is_one_error(synthetic_raw, tmp_pat
   with pytest.raises(FileNotFoundError, match='no_such_folder'):
     build.build('synthetic', raw, str(tmp_path / 'no_such_folder'), str(tmp_path / 'r'),
                 log=_quiet)
+
+
+def lavt_get_mask(ann, image):
+  """refer's getMask as LAVT's ReferDataset uses it, transcribed: the polygons decoded and summed
+  over the last axis, then annot[ref_mask == 1] = 1."""
+  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  rle = mask_utils.frPyObjects(ann['segmentation'], image['height'], image['width'])
+  m = mask_utils.decode(rle)
+  m = np.sum(m, axis=2).astype(np.uint8)
+  annot = np.zeros(m.shape)
+  annot[m == 1] = 1
+  return annot.astype(np.uint8)
+
+
+def test_mask_rule_lavt_stores_lavts_masks(synthetic_raw, tmp_path):
+  """--mask_rule=lavt: where two polygons of an annotation overlap, LAVT's mask is background
+  (its `ref_mask == 1`); the default union keeps the pixels. The rule is in the metadata."""
+  from data_prep import refer  # pylint: disable=g-import-not-at-top
+  raw = _copy(synthetic_raw, tmp_path)
+  refs, coco = _source(raw)
+  path = os.path.join(raw, 'synthetic', 'instances.json')
+  with open(path) as f:
+    instances = json.load(f)
+  polygons = {a['id'] for a in instances['annotations'] if isinstance(a['segmentation'], list)}
+  ref = next(r for r in refs if r['split'] == 'val' and r['ann_id'] in polygons)
+  ann = next(a for a in instances['annotations'] if a['id'] == ref['ann_id'])
+  x, y, w, h = ann['bbox']
+  ann['segmentation'] = [ann['segmentation'][0],        # a second polygon over half the box
+                         [x, y, x + w / 2, y, x + w / 2, y + h, x, y + h]]
+  with open(path, 'w') as f:
+    json.dump(instances, f)
+  image = coco.imgs[ref['image_id']]
+  want = lavt_get_mask(ann, image)
+  union = refer.annotation_mask(ann, image['height'], image['width'])
+  np.testing.assert_array_equal(refer.annotation_mask(ann, image['height'], image['width'],
+                                                      'lavt'), want)
+  assert (union > want).sum() > 0 and not (want > union).any()   # the overlap only
+  _build(raw, tmp_path / 'lavt', mask_rule='lavt')
+  builder = refer_tfds.EavlRefer(config='synthetic', data_dir=str(tmp_path / 'lavt'))
+  assert builder.info.metadata['mask_rule'] == 'lavt'
+  source = builder.as_data_source('val')
+  ex = next(source[i] for i in range(len(source)) if int(source[i]['ref_id']) == ref['ref_id'])
+  np.testing.assert_array_equal(input_pipeline.decode_mask(ex['mask']), want)
+  with pytest.raises(ValueError, match='mask_rule'):
+    _build(raw, tmp_path / 'bad', mask_rule='cris')

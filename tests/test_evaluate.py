@@ -60,7 +60,8 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
   # splits evaluated before.
   step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
   record = {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': synthetic_records,
-            'protocol': 'original', 'checkpoint': step_dir}
+            'protocol': 'original', 'checkpoint': step_dir,
+            'scoring': evaluation.scoring_record(tiny_trained.config())}
   earlier = {**record, 'splits': {'testB': {'oIoU': 0.5, 'samples': 3}}}
   os.makedirs(tmp_path / 'eval')
   with open(evaluate.json_path(str(tmp_path), record), 'w') as f:
@@ -185,6 +186,23 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   assert not os.path.exists(tmp_path / 'bad' / 'data')
 
 
+def test_scoring_record_names_what_decides_the_digits(tiny_trained):
+  """The eval JSON's 'scoring': the two protocols differ in every rule that changes a digit."""
+  config = tiny_trained.config()
+  original = evaluation.scoring_record(config)
+  config.eval.protocol = 'lavt'
+  lavt = evaluation.scoring_record(config)
+  assert original['protocol'] == 'original' and lavt['protocol'] == 'lavt'
+  assert lavt['image_size'] == original['image_size'] == config.model.image_size
+  assert lavt['max_tokens'] == config.model.max_tokens
+  assert lavt['records'] == original['records'] == {'resize_to': 0, 'mask_rule': 'union'}
+  for key in ('image', 'ground_truth', 'token_rule', 'logits_upsampling'):
+    assert lavt[key] != original[key], key
+  assert 'align_corners=True' in lavt['logits_upsampling']
+  assert 'loses [SEP]' in lavt['token_rule']
+  json.dumps(lavt)   # plain JSON
+
+
 def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthetic_records,
                                                            tmp_path):
   """Results go to one file per (step, dataset, data_dir, protocol): evaluating the same
@@ -202,7 +220,9 @@ def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthet
     with open(path) as f:
       saved = json.load(f)
     assert saved == {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': data_dir,
-                     'protocol': protocol, 'checkpoint': step_dir, 'splits': results}
+                     'protocol': protocol, 'checkpoint': step_dir,
+                     'scoring': evaluation.scoring_record(config), 'splits': results}
+    assert saved['scoring']['protocol'] == protocol
     if written:   # the first file is unchanged
       with open(written[0][0]) as f:
         assert f.read() == written[0][1]
@@ -216,3 +236,35 @@ def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthet
     json.dump({**json.loads(written[0][1]), 'checkpoint': '/elsewhere/checkpoints/2'}, f)
   with pytest.raises(ValueError, match='holds the results of'):
     evaluate.run(tiny_trained.config(), workdir, splits=['val'], checkpoint=step_dir)
+
+
+def test_tables_under_protocol_lavt_print_test_pys_numbers_and_lavts_readme():
+  """Under 'lavt' the tables print test.py's numbers (its arithmetic, not 100 x our fraction) and
+  its printout per split; a LAVT model's reference row is LAVT's README."""
+  i, u = [7, 0, 3, 1], [10, 4, 3, 3]
+  result = {**metrics.summarize(i, u), 'lavt_test': metrics.lavt_test(i, u)}
+  text = evaluate.format_tables('refcoco', 'released', {'val': result},
+                                "protocol 'lavt' (scored at the 480x480 input size)", 'lavt')
+  lines = text.splitlines()
+  assert lines[0].startswith('LAVT on RefCOCO, checkpoint step released')
+  oiou = next(line for line in lines if line.startswith('oIoU '))
+  assert oiou.split()[-1] == '%.2f' % result['lavt_test']['overall IoU']
+  readme = lines[lines.index(oiou) + 1].split()
+  assert readme[-1] == '%.2f' % evaluate.LAVT_README['refcoco']['val'][5] and 'README' in readme
+  assert metrics.lavt_test_printout(result['lavt_test']).rstrip('\n') in text
+  eavl_text = evaluate.format_tables('refcoco', 1, {'val': metrics.summarize(i, u)},
+                                     "protocol 'original'")
+  assert 'paper (EAVL)' in eavl_text and 'Final results' not in eavl_text
+
+
+def test_protocol_lavt_on_records_lavt_would_not_read_is_logged(caplog):
+  scoring = lambda protocol, **records: {'protocol': protocol,
+                                         'records': {'resize_to': 0, 'mask_rule': 'lavt', **records}}
+  for quiet in (scoring('lavt'), scoring('original', mask_rule='union')):
+    caplog.clear()
+    evaluate.warn_if_not_lavts_records(quiet)
+    assert 'mask_rule' not in caplog.text
+  for loud in (scoring('lavt', mask_rule='union'), scoring('lavt', resize_to=480)):
+    caplog.clear()
+    evaluate.warn_if_not_lavts_records(loud)
+    assert "eval.protocol='lavt' on records built with" in caplog.text

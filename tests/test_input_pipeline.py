@@ -232,3 +232,94 @@ def test_tokenizer_cache_returns_the_tokenizers_ids_read_only(config):
     assert not ids.flags.writeable and not mask.flags.writeable
   assert tokenize('the red circle')[0] is tokenize('the red circle')[0]   # the cached arrays
   assert len(tokenize._cache) == 2
+
+
+# ---------------------------------------------------------------- eval.protocol='lavt'
+
+
+def lavt_reference_ids(vocab_file, sentence, max_tokens):
+  """LAVT's ReferDataset, transcribed: its (slow, python) BertTokenizer's encode with the special
+  tokens, cut at max_tokens, padded with 0; the attention mask 1 on the kept ids."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.BertTokenizer(vocab_file, do_lower_case=True)
+  attention_mask = [0] * max_tokens
+  padded_input_ids = [0] * max_tokens
+  input_ids = tokenizer.encode(text=sentence, add_special_tokens=True)
+  input_ids = input_ids[:max_tokens]
+  padded_input_ids[:len(input_ids)] = input_ids
+  attention_mask[:len(input_ids)] = [1] * len(input_ids)
+  return padded_input_ids, attention_mask, len(tokenizer.encode(sentence)) - 2
+
+
+def test_lavt_token_rule_cuts_long_sentences_without_sep(config):
+  """LAVT's 20 tokens: a sentence of 18 word pieces keeps [SEP]; of 19 or more it loses [SEP]
+  (the cut list), where the project's rule keeps it."""
+  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+  vocab = os.path.join(hub.resolve_folder(config.model.text_encoder.tokenizer), 'vocab.txt')
+  c = config.copy_and_resolve_references()
+  c.model.max_tokens = 20
+  lavt_rule = input_pipeline._tokenize(c, 'lavt')
+  ours = input_pipeline._tokenize(c)
+  sentences = {'short': 'the man on the left',
+               '18': 'the tall man in the red shirt standing next to the small dog on the left '
+                     'side today',
+               'long': 'the tall man in the red shirt standing next to the small brown dog on the '
+                       'left side of the picture near the big tree'}
+  pieces = {}
+  for name, text in sentences.items():
+    want_ids, want_mask, pieces[name] = lavt_reference_ids(vocab, text, 20)
+    ids, mask = lavt_rule(text)
+    assert ids.dtype == mask.dtype == np.int32
+    np.testing.assert_array_equal(ids, want_ids, err_msg=name)
+    np.testing.assert_array_equal(mask, want_mask, err_msg=name)
+    keep_sep_ids, _ = ours(text)
+    same = np.array_equal(keep_sep_ids, ids)
+    assert same == (pieces[name] <= 18), name     # the rules part only on long sentences
+  assert pieces['short'] < 18 and pieces['18'] == 18 and pieces['long'] > 18
+  sep = hub.load_tokenizer(c.model.text_encoder).sep_token_id
+  ids, mask = lavt_rule(sentences['long'])
+  assert mask.all() and sep not in ids.tolist()
+  ids, mask = lavt_rule(sentences['18'])
+  assert mask.all() and ids[-1] == sep
+
+
+def torchvision_lavt_image(jpeg, size):
+  """LAVT's test.py transform on the JPEG: PIL open + convert('RGB'), torchvision's F.resize to
+  (size, size) (bilinear), F.to_tensor, F.normalize with ImageNet's mean and std -> (S, S, 3)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from torchvision.transforms import functional as tvf  # pylint: disable=g-import-not-at-top
+  img = Image.open(io.BytesIO(jpeg)).convert('RGB')
+  img = tvf.resize(img, (size, size))
+  x = tvf.normalize(tvf.to_tensor(img), mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+  return x.permute(1, 2, 0).numpy()
+
+
+def test_protocol_lavt_eval_batches_are_lavts_inputs(config, source):
+  """Under eval.protocol='lavt' the eval batch holds, bit for bit, the image torchvision makes in
+  LAVT's test.py, its nearest-resized mask, and LAVT's token ids; 'original' keeps its own."""
+  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+  refs, _ = source
+  c = config.copy_and_resolve_references()
+  c.eval.protocol = 'lavt'
+  s, l = c.model.image_size, c.model.max_tokens
+  vocab = os.path.join(hub.resolve_folder(c.model.text_encoder.tokenizer), 'vocab.txt')
+  records, _ = input_pipeline._records(c, 'val')
+  by_ref = {int(records[i]['ref_id']): records[i] for i in range(len(records))}
+  batch = next(input_pipeline.make_eval_loader(c, 'val', shard_index=0, shard_count=1,
+                                               batch_size=4))
+  original = next(input_pipeline.make_eval_loader(config, 'val', shard_index=0, shard_count=1,
+                                                  batch_size=4))
+  drafted = 0
+  for i in np.flatnonzero(batch['valid']):
+    record = by_ref[int(batch['ref_id'][i])]
+    want = torchvision_lavt_image(record['image'], s)
+    np.testing.assert_array_equal(batch['image'][i], want)
+    drafted += not np.array_equal(original['image'][i], want)
+    text = refs[int(batch['ref_id'][i])]['sentences'][int(batch['sentence_index'][i])]['raw']
+    want_ids, want_mask, _ = lavt_reference_ids(vocab, text, l)
+    np.testing.assert_array_equal(batch['input_ids'][i], want_ids)
+    np.testing.assert_array_equal(batch['attention_mask'][i], want_mask)
+    np.testing.assert_array_equal(batch['mask'][i], original['mask'][i])
+  assert drafted   # the project's decoding (JPEG draft, other float order) is not LAVT's
+  assert input_pipeline.eval_rules(c) == ('lavt', 'lavt')
+  assert input_pipeline.eval_rules(config) == ('keep_sep', 'draft')

@@ -3,6 +3,8 @@ attention and the language gate against numpy written from LAVT's formulas, padd
 gradients of both heads, its loss against torch, its Swin's padding order against Hugging Face's,
 loading a checkpoint in LAVT's key layout, and train / evaluate / predict end to end."""
 import argparse
+import importlib
+import json
 import os
 
 import jax
@@ -320,6 +322,34 @@ def test_weighted_cross_entropy_is_torchs_with_class_weights():
     losses.loss_fn(jnp.asarray(d), jnp.asarray(gt), config)
 
 
+def test_lavts_loss_upsamples_with_the_corners_aligned_as_its_model():
+  """model.name='lavt': the loss at the input size is LAVT's train.py criterion on its model's
+  output, the (background, object) map upsampled by F.interpolate(align_corners=True); EAVL's
+  model keeps half-pixel centres (the previous behaviour, to the bit)."""
+  rng = np.random.default_rng(5)
+  classes = rng.normal(size=(3, 2, 8, 8)).astype(np.float32) * 3   # (B, 2, S/4, S/4)
+  gt = (rng.random((3, 32, 32)) < 0.3).astype(np.uint8)
+  config = lavt_refcoco.get_config()
+  assert losses.corners_aligned(config.model) and not losses.corners_aligned(synthetic.get_config().model)
+  corners = losses.corners_aligned(config.model)
+  output = F.interpolate(torch.tensor(classes), size=(32, 32), mode='bilinear', align_corners=True)
+  want = F.cross_entropy(output, torch.tensor(gt).long(), weight=torch.tensor([0.9, 1.1])).item()
+  d = jnp.asarray(classes[:, 1] - classes[:, 0])                  # the model's logit
+  got = float(losses.loss_fn(d, jnp.asarray(gt), config.loss, corners))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  half = float(losses.loss_fn(d, jnp.asarray(gt), config.loss))
+  assert abs(half - want) > 1e-3 * want                            # the other resize is not it
+  # EAVL's loss at the input size: half-pixel centres, i.e. the loss of the logits resized by
+  # jax.image.resize and taken where they already are (the ground truth's size).
+  eavl_loss = synthetic.get_config().loss
+  eavl_loss.at_input_size = True
+  at_32 = eavl_loss.copy_and_resolve_references()
+  at_32.at_input_size, at_32.target_resize = False, 'nearest'
+  half_pixel = jax.image.resize(d, (3, 32, 32), 'linear', antialias=False)
+  np.testing.assert_array_equal(losses.per_sample_loss(d, jnp.asarray(gt), eavl_loss),
+                                losses.per_sample_loss(half_pixel, jnp.asarray(gt), at_32))
+
+
 def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
   """160²: stage maps 40, 20, 10, 5 with window 4; the last two are padded (12, 8), none clamped.
   pad_before_shift gives HF's maps (it pads, then rolls, as LAVT's Swin); timm's order does not
@@ -353,6 +383,101 @@ def test_pad_before_shift_is_the_order_of_hugging_face_and_lavt(tmp_path):
   # timm's order puts wrapped and unwrapped pixels in one region, LAVT's / HF's does not.
   np.testing.assert_allclose(np.asarray(timm_order[2]), want[2], atol=1e-4)
   assert np.abs(np.asarray(timm_order[3]) - want[3]).max() > 1e-2
+
+
+def lavt_swin_block(x, p, heads, window_size, shift_size):
+  """LAVT-RIS lib/backbone.py's SwinTransformerBlock (with MMBasicLayer's shift mask), in numpy
+  float64 on the flax block's parameters: the window and the shift as configured whatever the
+  map's size; the map padded at the bottom / right to a multiple of the window, then rolled.
+  x (B, H, W, C) -> (B, H, W, C)."""
+  f = lambda a: np.asarray(a, np.float64)
+  norm = lambda y, q: ((y - y.mean(-1, keepdims=True))
+                       / np.sqrt(y.var(-1, keepdims=True) + 1e-5)) * f(q['scale']) + f(q['bias'])
+  dense = lambda y, q: y @ f(q['kernel']) + f(q['bias'])
+  b, h, w, c = x.shape
+  ws = window_size
+  shortcut, y = x, norm(x, p['norm1'])
+  pad_r, pad_b = (ws - w % ws) % ws, (ws - h % ws) % ws
+  y = np.pad(y, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+  hp, wp = h + pad_b, w + pad_r
+  partition = lambda t: t.reshape(t.shape[0], hp // ws, ws, wp // ws, ws, -1).transpose(
+      0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, t.shape[-1])
+  mask = None
+  if shift_size > 0:
+    y = np.roll(y, (-shift_size, -shift_size), axis=(1, 2))
+    img_mask = np.zeros((1, hp, wp, 1))
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift_size), slice(-shift_size, None)):
+      for wsl in (slice(0, -ws), slice(-ws, -shift_size), slice(-shift_size, None)):
+        img_mask[:, hs, wsl, :] = cnt
+        cnt += 1
+    mask_windows = partition(img_mask)[..., 0]                           # (nW, N)
+    mask = mask_windows[:, None, :] - mask_windows[:, :, None]
+    mask = np.where(mask != 0, -100.0, 0.0)
+  xw = partition(y)                                                      # (B nW, N, C)
+  n, d = ws * ws, c // heads
+  coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing='ij')).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+  index = rel[..., 0] * (2 * ws - 1) + rel[..., 1]                       # (N, N)
+  bias = f(p['attn']['relative_position_bias_table'])[index.reshape(-1)].reshape(n, n, heads)
+  qkv = dense(xw, p['attn']['qkv']).reshape(-1, n, 3, heads, d).transpose(2, 0, 3, 1, 4)
+  q, k, v = qkv[0] * d ** -0.5, qkv[1], qkv[2]
+  attn = q @ k.transpose(0, 1, 3, 2) + bias.transpose(2, 0, 1)[None]    # (B nW, h, N, N)
+  if mask is not None:
+    nw = mask.shape[0]
+    attn = (attn.reshape(-1, nw, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
+  attn = np.exp(attn - attn.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  out = dense((attn @ v).transpose(0, 2, 1, 3).reshape(-1, n, c), p['attn']['proj'])
+  out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, hp, wp, c)
+  if shift_size > 0:
+    out = np.roll(out, (shift_size, shift_size), axis=(1, 2))
+  x = shortcut + out[:, :h, :w]
+  hidden = dense(norm(x, p['norm2']), p['mlp']['fc1'])
+  hidden = hidden * 0.5 * (1 + special.erf(hidden / np.sqrt(2)))
+  return x + dense(hidden, p['mlp']['fc2'])
+
+
+@pytest.mark.parametrize('size', [5, 7, 9, 16])
+def test_swin_pads_small_maps_up_to_the_window_and_keeps_the_shift_as_lavts(size):
+  """Window 7 (shift 3): maps of 5² and 7² are not larger than the window, where timm's rule
+  (EAVL's) shrinks the window and drops the shift; LAVT pads up to the window and keeps the shift
+  and its mask (pad_small_maps=True, what model.name='lavt' builds). 9² and 16²: larger maps,
+  the same for both rules of the small maps."""
+  rng = np.random.default_rng(size)
+  x = rng.normal(size=(2, size, size, 8)).astype(np.float32)
+  block = lambda **kw: swin.SwinBlock(num_heads=2, window_size=7, shifted=True, mlp_ratio=2.0,
+                                      drop_path=0.0, pad_before_shift=True, **kw)
+  params = block(pad_small_maps=True).init(jax.random.key(size), jnp.asarray(x))['params']
+  params = jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(np.float32), params)
+  want = lavt_swin_block(x.astype(np.float64), params, 2, 7, 3)
+  lavt_rule = np.asarray(block(pad_small_maps=True).apply({'params': params}, x))
+  np.testing.assert_allclose(lavt_rule, want, atol=1e-4)
+  timm_rule = np.asarray(block().apply({'params': params}, x))
+  if size <= 7:
+    assert np.abs(timm_rule - want).max() > 1e-2
+  else:
+    np.testing.assert_allclose(timm_rule, lavt_rule, atol=1e-5)
+
+
+def test_lavt_builds_its_swin_with_lavts_rules(monkeypatch):
+  """model.name='lavt' builds the Swin with pad_before_shift and pad_small_maps (LAVT's); EAVL
+  with neither (timm's)."""
+  built = {}
+  original = swin.SwinTransformer
+
+  def recording(*args, **kwargs):
+    built[kwargs.get('name')] = {k: kwargs.get(k, False)
+                                 for k in ('pad_before_shift', 'pad_small_maps')}
+    return original(*args, **kwargs)
+  monkeypatch.setattr(swin, 'SwinTransformer', recording)
+  for name, config in (('lavt', tiny()), ('eavl', tiny_config.get_config())):
+    built.clear()
+    model = eavl.build_model(config.model)
+    jax.eval_shape(model.init, jax.random.key(0), *random_batch(config.model, 1)[:3])
+    assert list(built.values()) == [{'pad_before_shift': name == 'lavt',
+                                     'pad_small_maps': name == 'lavt'}], name
 
 
 # ------------------------------------------------------------------ a checkpoint in LAVT's layout
@@ -556,6 +681,15 @@ def test_configs():
     assert (got.model.name, got.model.lavt.head) == ('lavt', head)
     got.model.name, got.model.lavt.head = 'eavl', 'fixed'
     assert got.to_dict() == want.to_dict()   # the synthetic recipe, nothing else changed
+  # The other data sets of LAVT's README: lavt_refcoco.py but the data set and its splits (LAVT's
+  # ReferDataset keeps 20 tokens on every data set).
+  for dataset, splits in (('refcocop', ('val', 'testA', 'testB')),
+                          ('refcocog_umd', ('val', 'test')), ('refcocog_google', ('val',))):
+    got = importlib.import_module(f'configs.lavt_{dataset}').get_config()
+    assert (got.data.dataset, tuple(got.data.eval_splits)) == (dataset, splits)
+    assert set(evaluate.LAVT_README[dataset]) == set(splits)
+    got.data.dataset, got.data.eval_splits = 'refcoco', c.data.eval_splits
+    assert got.to_dict() == c.to_dict()
 
 
 @pytest.mark.slow
@@ -582,3 +716,68 @@ def test_train_evaluate_predict_end_to_end(synthetic_records, tmp_path):
                                 str(tmp_path / 'out.png'))
   assert result['mask'].shape == (40, 60) and written == [str(tmp_path / 'out.png')]
   assert os.path.exists(written[0])
+
+
+# ------------------------------------------------------------------ a released file, evaluated
+
+
+def released_files(tmp_path, sd, bert_sd):
+  """The layouts LAVT-RIS writes: {'model', 'bert_model', ...} (--model lavt), BERT inside
+  'model' under 'text_encoder.' (--model lavt_one), and each with DDP's 'module.' prefix."""
+  rest = {'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 39,
+          'lr_scheduler': {'last_epoch': 3}}
+  one = {**sd, **{f'text_encoder.{k}': v for k, v in bert_sd.items()}}
+  module = lambda d: {f'module.{k}': v for k, v in d.items()}
+  layouts = {
+      'lavt': {'model': sd, 'bert_model': bert_sd, 'args': argparse.Namespace(model='lavt')},
+      'lavt_one': {'model': one, 'args': argparse.Namespace(model='lavt_one')},
+      'lavt_module': {'model': module(sd), 'bert_model': module(bert_sd),
+                      'args': argparse.Namespace(model='lavt')},
+      'lavt_one_module': {'model': module(one), 'args': argparse.Namespace(model='lavt_one')}}
+  paths = {}
+  for name, state in layouts.items():
+    paths[name] = str(tmp_path / f'{name}.pth')
+    torch.save({**state, **rest}, paths[name])
+  return paths
+
+
+def test_released_files_of_both_layouts_evaluate_alike(synthetic_records, tmp_path):
+  """`python -m eavl_jax.evaluate --released`: the file model.lavt.pretrained names, in any of
+  LAVT's layouts, gives the same variables (every leaf from the file) and the same numbers; the
+  JSON names the file and the scoring."""
+  config = tiny('fixed')
+  config.data.data_dir, config.data.eval_max_size = synthetic_records, 128
+  config.eval.protocol = 'lavt'
+  sd, bert_sd = lavt_state_dicts(config.model, seed=3)
+  paths = released_files(tmp_path, sd, bert_sd)
+  mesh = sharding.make_mesh(config.mesh)
+  loaded = {}
+  for name, path in paths.items():
+    config.model.lavt.pretrained = path
+    loaded[name] = jax.device_get(evaluate.released_variables(config, mesh))
+  want = report.flatten(loaded['lavt'])
+  np.testing.assert_array_equal(want['params/classifier/bias'], sd['classifier.conv1_1.bias'])
+  np.testing.assert_array_equal(
+      want['params/text_encoder/encoder/layer/1/output/dense/kernel'],
+      bert_sd['encoder.layer.1.output.dense.weight'].numpy().T)
+  for name in paths:
+    got = report.flatten(loaded[name])
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{name}: {k}')
+
+  config.model.lavt.pretrained = paths['lavt_one_module']
+  step, results, json_file = evaluate.run(config, str(tmp_path / 'run'), splits=['val'],
+                                          released=True)
+  assert step == evaluate.RELEASED_STEP and results['val']['samples'] > 0
+  with open(json_file) as f:
+    saved = json.load(f)
+  assert saved['checkpoint'] == paths['lavt_one_module'] and saved['step'] == 'released'
+  assert saved['scoring']['protocol'] == 'lavt' and saved['scoring']['image_size'] == 64
+  assert saved['splits']['val']['lavt_test']['seg_total'] == results['val']['samples']
+  with pytest.raises(ValueError, match='--released'):
+    evaluate.run(config, str(tmp_path / 'run'), splits=['val'], released=True, checkpoint='2')
+  eavl_config = tiny_config.get_config()
+  eavl_config.data.data_dir = synthetic_records
+  with pytest.raises(ValueError, match="model.name='lavt'"):
+    evaluate.run(eavl_config, str(tmp_path / 'eavl'), splits=['val'], released=True)

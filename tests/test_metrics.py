@@ -83,10 +83,10 @@ def test_precision_thresholds_are_inclusive_and_empty_union_is_zero():
     metrics.summarize([3], [2])
 
 
-def torch_upsample(logits, size):
+def torch_upsample(logits, size, align_corners=False):
   x = torch.from_numpy(logits.astype(np.float64))[None, None]
   return torch.nn.functional.interpolate(x, size=tuple(int(s) for s in size), mode='bilinear',
-                                         align_corners=False)[0, 0].numpy()
+                                         align_corners=align_corners)[0, 0].numpy()
 
 
 def test_upsample_and_threshold_match_torch_bilinear():
@@ -235,10 +235,11 @@ def test_protocols_on_a_thin_object_that_vanishes_at_the_input_size():
            'orig_size': np.array([g.shape for g in gts], np.int32),
            'mask': np.stack([pil_nearest(g, s) for g in gts]), 'valid': np.ones(n, bool)}
   assert batch['mask'][0].sum() == 0 and batch['mask'][1].sum() > 0   # the line has vanished
-  # References: torch's bilinear resize (half-pixel), logit > 0, at each protocol's size.
+  # References: torch's bilinear resize (half-pixel; 'lavt': corners aligned, as LAVT's model),
+  # logit > 0, at each protocol's size.
   references = {
       'original': [(torch_upsample(x, g.shape), g) for x, g in zip(logits, gts)],
-      'lavt': [(torch_upsample(x, (s, s)), m > 0) for x, m in zip(logits, batch['mask'])]}
+      'lavt': [(torch_upsample(x, (s, s), True), m > 0) for x, m in zip(logits, batch['mask'])]}
   mesh = sharding.make_mesh(base.get_config().mesh)
   got = {}
   for protocol, pairs in references.items():
@@ -257,6 +258,110 @@ def test_protocols_on_a_thin_object_that_vanishes_at_the_input_size():
   assert coco_iou(*references['lavt'][0]) == 0.0
   assert got['original']['mIoU'] != pytest.approx(got['lavt']['mIoU'])
   assert got['original']['oIoU'] != pytest.approx(got['lavt']['oIoU'])
+
+
+# ---------------------------------------------------------------- LAVT's test.py, transcribed
+
+
+def lavt_test_py(outputs, targets):
+  """LAVT-RIS test.py's `evaluate` after the model, in torch: each output (1, 2, h, w) (the
+  classifier's (background, object) map) upsampled as LAVT's model ends (F.interpolate, bilinear,
+  align_corners=True) to the target's (1, S, S), argmax over the classes, then its
+  computeIoU, cum_I / cum_U, mean_IoU and seg_correct. -> the text it prints after 'Final
+  results:'."""
+  cum_i, cum_u, mean_iou = 0, 0, []
+  eval_seg_iou_list = [.5, .6, .7, .8, .9]
+  seg_correct = np.zeros(len(eval_seg_iou_list), dtype=np.int32)
+  seg_total = 0
+  for output, target in zip(outputs, targets):
+    output = torch.nn.functional.interpolate(output, size=target.shape[-2:], mode='bilinear',
+                                             align_corners=True)
+    output_mask = output.argmax(1).data.numpy()
+    i = np.sum(np.logical_and(output_mask, target))
+    u = np.sum(np.logical_or(output_mask, target))
+    this_iou = 0.0 if u == 0 else i * 1.0 / u
+    mean_iou.append(this_iou)
+    cum_i += i
+    cum_u += u
+    for n, eval_seg_iou in enumerate(eval_seg_iou_list):
+      seg_correct[n] += (this_iou >= eval_seg_iou)
+    seg_total += 1
+  text = 'Mean IoU is %.2f\n' % (np.mean(np.array(mean_iou)) * 100.) + '\n'
+  for n, eval_seg_iou in enumerate(eval_seg_iou_list):
+    text += '    precision@%s = %.2f\n' % (str(eval_seg_iou), seg_correct[n] * 100. / seg_total)
+  return text + '    overall IoU = %.2f\n' % (cum_i * 100. / cum_u)
+
+
+def random_predictions(rng, n, s):
+  """n random (background, object) maps (2, s/4, s/4) float32 and (s, s) targets: noisy
+  ellipses where the object's logit leads; #1 has equal logits on its left half (a tie: test.py's
+  argmax says background); #2 predicts nothing on an empty target (empty union)."""
+  h = s // 4
+  yy, xx = np.mgrid[:s, :s] / s
+  yl, xl = np.mgrid[:h, :h] / h
+  outputs, targets = [], []
+  for k in range(n):
+    cy, cx, ry, rx = rng.uniform(0.3, 0.7, 2).tolist() + rng.uniform(0.1, 0.3, 2).tolist()
+    target = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1                  # (s, s)
+    jitter = rng.uniform(-0.05, 0.05, 4)
+    inside = ((yl - cy - jitter[0]) / (ry + jitter[2])) ** 2 + \
+        ((xl - cx - jitter[1]) / (rx + jitter[3])) ** 2
+    background = rng.normal(size=(h, h)).astype(np.float32)
+    obj = (background + 2.0 * (1.0 - inside) + rng.normal(scale=1.5, size=(h, h))).astype(np.float32)
+    if k == 1:
+      obj[:, :h // 2] = background[:, :h // 2]
+    if k == 2:
+      target[:], obj = False, background - 5.0
+    outputs.append(np.stack([background, obj])[None])                           # (1, 2, h, h)
+    targets.append(target[None].astype(np.int64))                               # (1, s, s)
+  return outputs, targets
+
+
+def test_protocol_lavt_prints_the_digits_of_lavts_test_py():
+  s, n, per_batch = 480, 40, 8
+  outputs, targets = random_predictions(np.random.default_rng(6), n, s)
+  reference = lavt_test_py([torch.from_numpy(o) for o in outputs], targets)
+  diff = np.concatenate([o[:, 1] - o[:, 0] for o in outputs])   # (n, s/4, s/4): object - background
+  mask = np.concatenate(targets).astype(np.uint8)                                # (n, s, s)
+  batches = [{'image': np.zeros((per_batch, 8, 8, 3), np.float32),
+              'input_ids': np.zeros((per_batch, 4), np.int32),
+              'attention_mask': np.ones((per_batch, 4), np.int32),
+              'mask': mask[j:j + per_batch], 'valid': np.ones(per_batch, bool)}
+             for j in range(0, n, per_batch)]
+  queue = [diff[j:j + per_batch] for j in range(0, n, per_batch)]
+  mesh = sharding.make_mesh(base.get_config().mesh)
+  got = metrics.evaluate_loader(lambda g: queue.pop(0), ListLoader(batches), mesh=mesh,
+                                protocol='lavt')
+  assert metrics.lavt_test_printout(got['lavt_test']) == reference
+  numbers = got['lavt_test']
+  assert numbers['seg_total'] == got['samples'] == n
+  assert numbers['overall IoU'] == pytest.approx(100 * got['oIoU'])
+  assert numbers['Mean IoU'] == pytest.approx(100 * got['mIoU'])
+  for t in metrics.THRESHOLDS:
+    assert numbers[f'precision@0.{t}'] == pytest.approx(100 * got[f'Pr@0.{t}'])
+  # Pixel by pixel: the foreground is torch's argmax except where the upsampled difference is
+  # within float32 rounding of 0; the tie of #1 is background, as in torch.
+  ours = np.asarray(metrics.resize.align_corners(diff, s, s))
+  for k in range(n):
+    up = torch.nn.functional.interpolate(torch.from_numpy(outputs[k]), size=(s, s),
+                                         mode='bilinear', align_corners=True)[0]
+    torch_mask = up.argmax(0).numpy() == 1
+    near_zero = np.abs((up[1] - up[0]).numpy()) < 1e-5
+    assert ((ours[k] > 0) == torch_mask)[~near_zero].all(), k
+  assert not (ours[1][:, :s // 2 - 4] > 0).any()
+  # The test can tell: half-pixel centres (the protocol before) print other digits.
+  half = np.asarray(jax.image.resize(diff, (n, s, s), 'linear', antialias=False)) > 0
+  gt = mask > 0
+  i_half, u_half = (half & gt).sum((1, 2)), (half | gt).sum((1, 2))
+  assert metrics.lavt_test_printout(metrics.lavt_test(i_half, u_half)) != reference
+
+
+def test_lavt_test_arithmetic_on_hand_made_counts():
+  got = metrics.lavt_test([7, 0, 3, 0], [10, 4, 3, 0])     # IoUs 0.7, 0, 1, 0 (empty union)
+  assert got['seg_correct'] == [2, 2, 2, 1, 1] and got['seg_total'] == 4
+  assert got['Mean IoU'] == np.mean([0.7, 0.0, 1.0, 0.0]) * 100.
+  assert got['overall IoU'] == 10 * 100. / 17 and got['precision@0.7'] == 2 * 100. / 4
+  assert metrics.lavt_test_printout(got).splitlines()[0] == 'Mean IoU is 42.50'
 
 
 def test_unknown_protocol_is_one_clear_error():

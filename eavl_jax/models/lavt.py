@@ -16,7 +16,8 @@ two (3x3 conv, BatchNorm, ReLU); its 1/4 map (4E channels) then meets the head:
 
 Stage 4's gated map feeds no later stage, so LAVT's stage-4 gate is left out (its released weights
 are dropped on loading, eavl_jax/weights/lavt.py). The Swin pads each map before the cyclic shift,
-as LAVT's (`pad_before_shift`). Output as EAVL's: dict(logits (B, S/4, S/4), masks, scores).
+and pads a map not larger than the window up to it keeping the shift, as LAVT's
+(`pad_before_shift`, `pad_small_maps`). Output as EAVL's: dict(logits (B, S/4, S/4), masks, scores).
 """
 from typing import Any
 
@@ -216,7 +217,7 @@ class LAVT(nn.Module):
     v = m.vision_encoder
     outputs = swin.SwinTransformer(
         **swin.config_sizes(v), remat=m.remat, dtype=dtype, pad_before_shift=True,
-        name='vision_encoder')(image, train=train, between_stages=fuse)
+        pad_small_maps=True, name='vision_encoder')(image, train=train, between_stages=fuse)
     y1, y2, y3, y4 = (nn.LayerNorm(epsilon=_NORM_EPS, dtype=dtype, name=f'output_norm_{i}')(r)
                       for i, r in enumerate(outputs))                # Y_i (B, S/2^(i+2), ., 2^i E)
     features = SimpleDecoder(4 * v.embed_dim, dtype, name='decoder')(y1, y2, y3, y4, train)

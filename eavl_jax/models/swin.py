@@ -4,7 +4,9 @@ The forward pass follows the installed timm 1.0 `SwinTransformer` exactly, so th
 weights give the same stage maps:
 - stage i > 0 starts with patch merging (timm's layout; the official release has it at the end of
   stage i - 1, the loader moves it);
-- a block whose map is not larger than the window uses a window the size of the map and no shift;
+- a block whose map is not larger than the window uses a window the size of the map and no shift
+  (LAVT's backbone pads such a map up to the window and keeps the shift and its mask:
+  `pad_small_maps=True`);
 - a shifted block rolls the map first, then pads it at the bottom/right to a multiple of the window,
   and builds the shift mask on the padded size (timm's order; Hugging Face, mmseg and LAVT pad
   before rolling: `pad_before_shift=True`);
@@ -173,12 +175,19 @@ class SwinBlock(nn.Module):
   # False: timm's order (roll, then pad). True: the detection / segmentation Swin's (mmseg, LAVT;
   # Hugging Face's too): pad to a multiple of the window, then roll the padded map.
   pad_before_shift: bool = False
+  # False: timm's (and HF's) rule, a map not larger than the window gets a window of its size and
+  # no shift (clamp_window). True: LAVT's backbone, the window and the shift always as configured
+  # (a small map is padded up to one window, the shift mask built on it).
+  pad_small_maps: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     b, h, w, c = x.shape
-    window, shift = clamp_window((h, w), self.window_size,
-                                 self.window_size // 2 if self.shifted else 0)
+    shift_size = self.window_size // 2 if self.shifted else 0
+    if self.pad_small_maps:
+      window, shift = (self.window_size,) * 2, (shift_size,) * 2
+    else:
+      window, shift = clamp_window((h, w), self.window_size, shift_size)
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm1')(x)
     pad_h, pad_w = (-h) % window[0], (-w) % window[1]
     pad = lambda t: jnp.pad(t, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
@@ -266,6 +275,7 @@ class SwinStage(nn.Module):
   remat: bool
   dtype: Any = jnp.float32
   pad_before_shift: bool = False  # SwinBlock's
+  pad_small_maps: bool = False    # SwinBlock's
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -275,7 +285,8 @@ class SwinStage(nn.Module):
     for j in range(self.depth):
       x = block(self.num_heads, self.window_size, shifted=j % 2 == 1, mlp_ratio=self.mlp_ratio,
                 drop_path=self.drop_path[j], dtype=self.dtype,
-                pad_before_shift=self.pad_before_shift, name=f'blocks_{j}')(x, train)
+                pad_before_shift=self.pad_before_shift, pad_small_maps=self.pad_small_maps,
+                name=f'blocks_{j}')(x, train)
     return x
 
 
@@ -291,6 +302,7 @@ class SwinTransformer(nn.Module):
   remat: bool                     # `model.remat`
   dtype: Any = jnp.float32
   pad_before_shift: bool = False  # SwinBlock's
+  pad_small_maps: bool = False    # SwinBlock's
 
   @nn.compact
   def __call__(self, images, train: bool = False, between_stages=None) -> Tuple[jnp.ndarray, ...]:
@@ -308,7 +320,7 @@ class SwinTransformer(nn.Module):
       x = SwinStage(depth, self.num_heads[i], self.window_size, downsample=i > 0,
                     drop_path=tuple(rates[start:start + depth]), mlp_ratio=self.mlp_ratio,
                     dtype=self.dtype, remat=self.remat, pad_before_shift=self.pad_before_shift,
-                    name=f'layers_{i}')(x, train)
+                    pad_small_maps=self.pad_small_maps, name=f'layers_{i}')(x, train)
       out = x  # (B, H/2^(i+2), W/2^(i+2), 2^i C)
       if between_stages is not None:
         x, out = between_stages(i, x)
