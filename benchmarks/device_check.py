@@ -14,7 +14,8 @@ never goes down within a process. This process starts no JAX backend, so on a GP
 the device to themselves.
 
 Sections (--smoke: the same code on the CPU, at configs/tiny.py's model sizes, batch 2, a tiny
-convolution shape, few repeats; its figures say nothing about speed):
+convolution shape, few repeats, one dtype per train section: float32 for paper, bfloat16 for lavt,
+so that both models and both dtypes run; its figures say nothing about speed):
   paper         configs/refcoco.py with random ('scratch') encoders and a random batch of the
                 paper's global batch (32) on the one device; model.dtype float32 and bfloat16,
                 model.remat off (on only where the step does not fit): compile s, step s (median),
@@ -76,6 +77,8 @@ JOBS = {
     'numerics': [('float32', 'numerics', [])],
     'lavt': [(d, 'train', ['--model=lavt', f'--dtype={d}']) for d in ('float32', 'bfloat16')],
 }
+# --smoke runs one dtype of each train section (the jobs' code is the same for both).
+SMOKE_DTYPE = {'paper': 'float32', 'lavt': 'bfloat16'}
 
 
 def parse_args(argv=None):
@@ -166,7 +169,8 @@ def run_section(name, args, deadline):
   start = time.perf_counter()
   budget = max(0.0, min(args.budgets[name], deadline - start))
   section = {'status': 'ok', 'budget_s': budget, 'elapsed_s': None, 'runs': {}}
-  queue = list(JOBS[name])
+  queue = [job for job in JOBS[name]
+           if not (args.smoke and name in SMOKE_DTYPE and job[0] != SMOKE_DTYPE[name])]
   while queue:
     label, kind, job_args = queue.pop(0)
     left = start + budget - time.perf_counter()

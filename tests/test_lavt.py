@@ -173,9 +173,10 @@ def test_every_module_shape_both_heads():
     m = config.model
     model = eavl.build_model(m)
     image, ids, mask, _ = random_batch(m, 2)
-    variables = init_variables(model, (image, ids, mask))
-    _, state = model.apply(variables, image, ids, mask, capture_intermediates=True,
-                           mutable=['intermediates'])
+    # Shapes only: traced abstractly (jax.eval_shape), nothing compiled or run.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), image, ids, mask, train=False))
+    _, state = jax.eval_shape(lambda v: model.apply(v, image, ids, mask, capture_intermediates=True,
+                                                    mutable=['intermediates']), variables)
     inter = state['intermediates']
     shape = lambda *path: inter_shape(inter, path)
     s, e, c = m.image_size, m.vision_encoder.embed_dim, m.hidden_dim
@@ -190,7 +191,7 @@ def test_every_module_shape_both_heads():
                                             for i in range(4))
     assert shape('text_encoder') == (2, m.max_tokens, m.text_encoder.hidden_size)
     assert shape('decoder') == (2, s // 4, s // 4, 4 * e)
-    out = model.apply(variables, image, ids, mask)
+    out = jax.eval_shape(lambda v: model.apply(v, image, ids, mask), variables)
     n_q = m.num_queries if head == 'aligner' else 1
     assert out['logits'].shape == (2, s // 4, s // 4)
     assert out['masks'].shape == (2, n_q, s // 4, s // 4) and out['scores'].shape == (2, n_q)
