@@ -164,13 +164,18 @@ def last_line(path):
   return lines[-1][:300] if lines else '(no output)'
 
 
+def section_jobs(name, smoke):
+  """The jobs a section runs: JOBS[name], with --smoke only SMOKE_DTYPE's of a train section."""
+  return [job for job in JOBS[name]
+          if not (smoke and name in SMOKE_DTYPE and job[0] != SMOKE_DTYPE[name])]
+
+
 def run_section(name, args, deadline):
   """The section's jobs in turn within min(its budget, the total's rest) -> its record."""
   start = time.perf_counter()
   budget = max(0.0, min(args.budgets[name], deadline - start))
   section = {'status': 'ok', 'budget_s': budget, 'elapsed_s': None, 'runs': {}}
-  queue = [job for job in JOBS[name]
-           if not (args.smoke and name in SMOKE_DTYPE and job[0] != SMOKE_DTYPE[name])]
+  queue = section_jobs(name, args.smoke)
   while queue:
     label, kind, job_args = queue.pop(0)
     left = start + budget - time.perf_counter()

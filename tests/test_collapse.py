@@ -95,14 +95,6 @@ def test_the_warning_follows_the_threshold():
   assert trainer.collapse_warning(config, 'val', 1, {'oIoU': 0.5}) is None   # no masks reported
 
 
-def _train_batch(config):
-  from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  loader = input_pipeline.make_train_loader(config, seed=0, shard_index=0, shard_count=1,
-                                            batch_size=config.train.global_batch_size)
-  b = next(loader)
-  return {k: b[k] for k in ('image', 'input_ids', 'attention_mask', 'mask')}
-
-
 def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
   """tools/query_collapse.py: with eq. 11's σ linear every query's gradient through eq. 11-12 is
   the same vector (g_kern = 1); with a ReLU it is not; identical queries read as identical at
@@ -110,7 +102,7 @@ def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
   from tools import query_collapse  # pylint: disable=g-import-not-at-top
   config = _config(synthetic_records)
   model = eavl.build_model(config.model)
-  batch = _train_batch(config)
+  batch, = query_collapse.fixed_batches(config, 1, seed=0)
   variables = _init(config)
   row = jax.device_get(query_collapse.make_diagnose(config, model)(variables, batch))
   assert row['g_kern'] == pytest.approx(1.0, abs=1e-5)

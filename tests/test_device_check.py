@@ -41,8 +41,7 @@ def test_smoke_runs_every_section_and_leaves_gpu_figures_null_on_cpu(tmp_path):
   kinds = {'paper': 'train', 'lavt': 'train'}
   for name, section in out['sections'].items():
     assert section['status'] == 'ok', (name, section)
-    labels = [label for label, _, _ in device_check.JOBS[name]
-              if name not in device_check.SMOKE_DTYPE or label == device_check.SMOKE_DTYPE[name]]
+    labels = [label for label, _, _ in device_check.section_jobs(name, smoke=True)]
     assert list(section['runs']) == labels, (name, list(section['runs']))
     for run in section['runs'].values():
       assert set(device_check.KEYS[kinds.get(name, name)]) <= set(run), name

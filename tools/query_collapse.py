@@ -137,17 +137,21 @@ def saved_steps(workdir):
   return steps
 
 
+def fixed_batches(config, count, seed):
+  """The first `count` train batches of the loader seeded `seed`: the model's inputs and mask."""
+  loader = input_pipeline.make_train_loader(config, seed=seed, shard_index=0, shard_count=1,
+                                            batch_size=config.train.global_batch_size)
+  keys = ('image', 'input_ids', 'attention_mask', 'mask')
+  return [{k: b[k] for k in keys} for b in (next(loader) for _ in range(count))]
+
+
 def main(argv):
   del argv
   config = FLAGS.config
   workdir = os.path.abspath(FLAGS.workdir)
   config = trainer.prepare_data(config, workdir)
   model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
-  loader = input_pipeline.make_train_loader(config, seed=config.seed + 12345, shard_index=0,
-                                            shard_count=1,
-                                            batch_size=config.train.global_batch_size)
-  keys = ('image', 'input_ids', 'attention_mask', 'mask')
-  batches = [{k: b[k] for k in keys} for b in (next(loader) for _ in range(FLAGS.batches))]
+  batches = fixed_batches(config, FLAGS.batches, seed=config.seed + 12345)
   diagnose = make_diagnose(config, model)
   steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else saved_steps(workdir)
   print(' '.join(f'{c:>7}' for c in COLUMNS), flush=True)
