@@ -38,6 +38,8 @@ import numpy as np
 from benchmarks import common
 from eavl_jax import config_check
 from eavl_jax import input_pipeline
+from eavl_jax import run_sizes
+from eavl_jax import synthetic_task
 from eavl_jax import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -208,11 +210,11 @@ def latest_checkpoint_step(directory):
 
 def seed_data_dir(config, workdir, seed):
   """-> data.data_dir of the runs of `seed`: a synthetic data set with no data_dir is generated
-  from that seed once, under <workdir>/data/seed_<seed>/data (trainer.prepare_data, which also
+  from that seed once, under <workdir>/data/seed_<seed>/data (synthetic_task.prepare, which also
   refuses data of another synthetic_images / seed there); otherwise the config's data_dir."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.seed = seed
-  c = trainer.prepare_data(c, os.path.join(workdir, 'data', f'seed_{seed}'))
+  c = synthetic_task.prepare(c, os.path.join(workdir, 'data', f'seed_{seed}'))
   return c.data.data_dir
 
 
@@ -221,8 +223,8 @@ def train_run(config, directory, row, seed):
   start = time.perf_counter()
   metrics = trainer.train_and_evaluate(config, directory)
   wall = time.perf_counter() - start
-  _, total, _ = trainer.step_counts(
-      config, input_pipeline.num_examples(config, config.data.train_split))
+  total = run_sizes.compute(
+      config, input_pipeline.num_examples(config, config.data.train_split)).total_steps
   step = latest_checkpoint_step(directory)
   if metrics is None or step < total:
     raise RunIncompleteError(f'{directory} stopped at step {step} of {total} (preempted?): run '
@@ -417,8 +419,8 @@ def main(argv):
   if len(argv) > 1:
     _exit_with_error(f'unexpected arguments: {argv[1:]}', 2)
   # The train command's module (its flags, its malloc restart) only when run as a program.
-  from eavl_jax import train as train_entry  # pylint: disable=g-import-not-at-top
-  train_entry.quiet_libraries()
+  from eavl_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_libraries()
   cli(FLAGS.config, FLAGS.workdir, FLAGS.rows, FLAGS.seeds)
 
 

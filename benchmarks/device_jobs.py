@@ -28,7 +28,7 @@ from eavl_jax import hub
 from eavl_jax import losses
 from eavl_jax import model_info
 from eavl_jax.models import dynamic_conv
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 REFCOCO_TRAIN_REFS = 42404   # RefCOCO (UNC) train split; one sentence per ref and epoch
 PAPER_GPUS, PAPER_HOURS = 8, 58.4   # the paper's training: 8 GPUs, 58.4 h for 40 epochs
@@ -206,12 +206,12 @@ def dynamic_conv_job(args, record):
 def numerics_job(args, record):
   del args   # configs/tiny.py in both modes: it is small everywhere
   config = tiny.get_config()
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   cpu, device = jax.devices('cpu')[0], jax.devices()[0]
   batch = train_step_bench.random_batch(config, config.train.global_batch_size)
   with jax.default_device(cpu):   # one set of parameters, made once, on the host
     variables = jax.device_get(jax.jit(lambda k: model.init(
-        k, *eavl.dummy_inputs(config.model, 1), train=False))(jax.random.PRNGKey(0)))
+        k, *builder.dummy_inputs(config.model, 1), train=False))(jax.random.PRNGKey(0)))
   record.save(config='configs/tiny.py, float32', batch=config.train.global_batch_size,
               devices=[str(device), str(cpu)], precisions={})
 

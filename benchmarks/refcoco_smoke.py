@@ -15,7 +15,7 @@
    and table.
 
 The trainer's own functions are timed by wrapping them (device_memory.compile_train_step, the
-compiled step, evaluation.evaluate_split); each timed step waits for its result.
+compiled step, scoring.evaluate_split); each timed step waits for its result.
 """
 import json
 import os
@@ -39,9 +39,9 @@ from data_prep import build
 from data_prep import refer
 from data_prep import synthetic
 from eavl_jax import device_memory
-from eavl_jax import evaluation
+from eavl_jax import scoring
 from eavl_jax import metrics as metrics_lib
-from eavl_jax import train
+from eavl_jax import cli
 from eavl_jax import trainer
 # pylint: enable=wrong-import-position
 
@@ -125,7 +125,7 @@ class Timings:
   def __init__(self):
     self.compile_s, self.memory, self.step_s, self.eval_s = None, {}, [], []
     self._compile = device_memory.compile_train_step
-    self._evaluate = evaluation.evaluate_split
+    self._evaluate = scoring.evaluate_split
 
   def compile_train_step(self, *args, **kwargs):
     start = time.perf_counter()
@@ -148,12 +148,12 @@ class Timings:
 
   def __enter__(self):
     device_memory.compile_train_step = self.compile_train_step
-    evaluation.evaluate_split = self.evaluate_split
+    scoring.evaluate_split = self.evaluate_split
     return self
 
   def __exit__(self, *exc):
     device_memory.compile_train_step = self._compile
-    evaluation.evaluate_split = self._evaluate
+    scoring.evaluate_split = self._evaluate
 
 
 # ------------------------------------------------------------------ report
@@ -185,7 +185,7 @@ def print_report(config, out, result):
 
 def main(argv):
   del argv
-  train.quiet_libraries()
+  cli.quiet_libraries()
   machine = common.machine_line()
   print(machine)
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='refcoco_smoke_')

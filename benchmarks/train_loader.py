@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from eavl_jax import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eavl_jax import synthetic_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +53,7 @@ def _pass(config, read_threads, cache, batches, warmup):
 
 def main(argv):
   del argv
-  config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
+  config = synthetic_task.prepare(FLAGS.config, FLAGS.workdir)
   variants = [('grain defaults (16 reader threads), HF tokenizer call per sample', 16, False),
               ('16 reader threads, ids cached per sentence', 16, True),
               ('records read in the loader thread, ids cached (configs/tiny.py)', 0, True)]

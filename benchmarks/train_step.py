@@ -47,7 +47,7 @@ from eavl_jax import losses  # pylint: disable=wrong-import-position
 from eavl_jax import optim  # pylint: disable=wrong-import-position
 from eavl_jax import train_state as train_state_lib  # pylint: disable=wrong-import-position
 from eavl_jax import steps as steps_lib  # pylint: disable=wrong-import-position
-from eavl_jax.models import eavl  # pylint: disable=wrong-import-position
+from eavl_jax.models import builder  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -106,7 +106,7 @@ class Step:
     if batch_size % config.data.refs_per_image:
       raise ValueError(f'--batch={batch_size} expressions is not a multiple of the config\'s '
                        f'data.refs_per_image={config.data.refs_per_image}')
-    self.model = eavl.build_model(config.model)
+    self.model = builder.build_model(config.model)
     self.tx, schedule = optim.make_optimizer(config.optim, total_updates=10**6)
     self.init = train_state_lib.make_init_fn(self.model, config.model, self.tx)
     self.abstract_state = jax.eval_shape(self.init, jax.random.PRNGKey(0))
@@ -396,7 +396,7 @@ def main(argv):
   if FLAGS.components:
     print(f'\ncomponents, each jitted alone (median of {FLAGS.steps} after one warm-up):',
           flush=True)
-    variables = jax.jit(lambda k: step.model.init(k, *eavl.dummy_inputs(config.model, 1),
+    variables = jax.jit(lambda k: step.model.init(k, *builder.dummy_inputs(config.model, 1),
                                                   train=False))(jax.random.PRNGKey(0))
     try:
       rows = time_components(step, variables, repeats=FLAGS.steps)

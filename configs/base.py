@@ -110,7 +110,7 @@ def get_config():
   dt.read_buffer_size = 500   # thread), records read ahead; grain's defaults
   dt.eval_max_size = 640      # original-size masks are padded to this canvas for batched metrics
   # dataset='synthetic' with data_dir '': training generates this many images (seed = c.seed)
-  # and builds their records under <workdir>/data once (eavl_jax/trainer.py: prepare_data).
+  # and builds their records under <workdir>/data once (eavl_jax/synthetic_task.py: prepare).
   dt.synthetic_images = 2000
 
   # ---------------------------------------------------------------- encoder pretraining

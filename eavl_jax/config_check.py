@@ -13,9 +13,9 @@ from eavl_jax import hub
 from eavl_jax import losses
 from eavl_jax import metrics
 from eavl_jax import optim
+from eavl_jax import run_sizes
 from eavl_jax import sharding
-from eavl_jax.models import eavl
-from eavl_jax.models import lavt
+from eavl_jax.models import builder
 from eavl_jax.weights import bert as bert_weights
 
 SENTENCES = ('random', 'all')            # data.sentences
@@ -32,10 +32,8 @@ def _divides(key, value, width, what):
 
 
 def check_model(m):
-  """What eavl.build_model would refuse, and the head counts that must divide their widths."""
-  eavl.validate_config(m)
-  if m.name == 'lavt':
-    lavt.validate_config(m)
+  """What builder.build_model would refuse, and the head counts that must divide their widths."""
+  builder.validate_config(m)
   v, t = m.vision_encoder, m.text_encoder
   for i, heads in enumerate(v.num_heads):
     _divides(f'model.vision_encoder.num_heads[{i}]', heads, v.embed_dim * 2 ** i,
@@ -102,7 +100,6 @@ def check_optim(config):
     _require(o[key] >= 0, f'optim.{key}', o[key], 'must be >= 0')
   for key in ('b1', 'b2'):
     _require(0 <= o[key] < 1, f'optim.{key}', o[key], 'must lie in [0, 1)')
-  _require(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, 'must be >= 1')
   _require(o.weight_decay_exempt in optim.WEIGHT_DECAY_EXEMPT, 'optim.weight_decay_exempt',
            o.weight_decay_exempt, f'must be one of {optim.WEIGHT_DECAY_EXEMPT}')
   for entry in o.lr_multipliers:
@@ -119,23 +116,8 @@ def check_optim(config):
 
 
 def check_train(config):
-  tr, accum, k = config.train, config.optim.grad_accum_steps, config.data.refs_per_image
-  _require(tr.global_batch_size >= 1 and tr.global_batch_size % accum == 0,
-           'train.global_batch_size', tr.global_batch_size,
-           f'must be a positive multiple of optim.grad_accum_steps={accum}')
-  if (tr.global_batch_size // accum) % k:
-    raise ValueError(f'data.refs_per_image={k} does not divide the {tr.global_batch_size // accum} '
-                     'expressions of a train step (train.global_batch_size / '
-                     'optim.grad_accum_steps)')
-  if tr.num_steps > 0:
-    _require(tr.num_steps % accum == 0, 'train.num_steps', tr.num_steps,
-             f'must be a multiple of optim.grad_accum_steps={accum}')
-    _require(config.optim.warmup_steps < tr.num_steps // accum, 'optim.warmup_steps',
-             config.optim.warmup_steps,
-             f'leaves no room in the {tr.num_steps // accum} updates of train.num_steps')
-  else:
-    _require(tr.num_epochs > 0, 'train.num_epochs', tr.num_epochs,
-             'must be > 0 (or set train.num_steps > 0)')
+  run_sizes.check(config)   # batch, accumulation and step counts
+  tr = config.train
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size'):
     _require(tr[key] >= 1, f'train.{key}', tr[key], 'must be >= 1')
   for key in ('eval_every_steps', 'num_eval_images'):
@@ -155,6 +137,10 @@ def check_rest(config):
   pt = config.pretrain
   _require(pt.vision_steps >= 0, 'pretrain.vision_steps', pt.vision_steps, 'must be >= 0')
   if pt.vision_steps > 0:
+    _require(config.data.dataset == 'synthetic' and not config.data.data_dir,
+             'pretrain.vision_steps', pt.vision_steps,
+             "pretrains on the synthetic data the command generates: it needs "
+             "data.dataset='synthetic' and data.data_dir='' (set it to 0 otherwise)")
     _require(pt.batch_size >= 1, 'pretrain.batch_size', pt.batch_size, 'must be >= 1')
     _require(pt.learning_rate > 0, 'pretrain.learning_rate', pt.learning_rate, 'must be > 0')
     _require(0 <= pt.warmup_steps < pt.vision_steps, 'pretrain.warmup_steps', pt.warmup_steps,

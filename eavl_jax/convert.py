@@ -14,8 +14,8 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from eavl_jax import cli
 from eavl_jax import config_check
 from eavl_jax import errors
 from eavl_jax import hub
@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+  cli.define_config_flag(lock_config=False)
   flags.DEFINE_string('out', None, 'Folder for the converted encoders.')
 
 

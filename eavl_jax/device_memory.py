@@ -19,26 +19,14 @@ import time
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
+
+from eavl_jax import run_sizes
 
 GIB = 2**30
 
 
 class DeviceMemoryError(ValueError):
   """The train step needs more memory per device than the device has (a one-line message)."""
-
-
-def abstract_train_batch(config, micro_batch):
-  """ShapeDtypeStructs of a global train batch of `micro_batch` expressions, as the train loader
-  makes it (eavl_jax/input_pipeline.py): micro_batch / data.refs_per_image images."""
-  s, length = config.model.image_size, config.model.max_tokens
-  images = micro_batch // config.data.refs_per_image
-  return {
-      'image': jax.ShapeDtypeStruct((images, s, s, 3), np.float32),           # (B/K, S, S, 3)
-      'input_ids': jax.ShapeDtypeStruct((micro_batch, length), np.int32),     # (B, L)
-      'attention_mask': jax.ShapeDtypeStruct((micro_batch, length), np.int32),  # (B, L)
-      'mask': jax.ShapeDtypeStruct((micro_batch, s, s), np.uint8),            # (B, S, S)
-  }
 
 
 def step_bytes(compiled) -> dict:
@@ -74,14 +62,12 @@ def device_limit(config):
 
 
 def accum_candidates(config, batch_devices):
-  """grad_accum_steps above the config's whose train step still splits evenly: the global batch
-  into steps, each step's expressions (and data.refs_per_image images) over the batch devices
-  and the processes."""
+  """grad_accum_steps above the config's whose train step still splits evenly over the batch
+  devices and the processes (run_sizes' rule)."""
   n, k = config.train.global_batch_size, config.data.refs_per_image
-  split = np.lcm(batch_devices, jax.process_count())
   return [f for f in range(config.optim.grad_accum_steps + 1, n + 1)
-          if n % f == 0 and (n // f) % k == 0 and (n // f // k) % split == 0
-          and (n // f) % split == 0]
+          if n % f == 0 and run_sizes.uneven_split(n // f, k, batch_devices,
+                                                   jax.process_count()) is None]
 
 
 def with_accum(config, factor):
@@ -149,7 +135,7 @@ def compile_train_step(config, lower, batch_devices):
   """The train step compiled ahead of time, its memory checked against the devices'.
 
   lower: config -> the jitted train step of that config lowered on its abstract state and batch
-  (trainer.lower_train_step); it is called again with other optim.grad_accum_steps when the step
+  (steps.lower_train_step); it is called again with other optim.grad_accum_steps when the step
   does not fit. batch_devices: the devices the batch is split over.
   Returns the compiled step (to run: no second compile); raises DeviceMemoryError.
   """

@@ -13,7 +13,7 @@ Prints tables laid out like the paper's tables I and II (in %), then the query d
 split (metrics.DIVERSITY_KEYS: mean pairwise IoU of the query masks, normalised entropy of the
 estimator's scores), and writes the same numbers (fractions) to
 DIR/eval/<step>.<dataset>.<protocol>.<data_dir digest>.json (json_path): one file per checkpoint,
-data set and protocol. Each JSON also holds 'scoring' (evaluation.scoring_record): everything that
+data set and protocol. Each JSON also holds 'scoring' (scoring.scoring_record): everything that
 decides the digits (sizes, image / mask / token rules, upsampling, the records' build options).
 Multi-host: as training (eavl_jax/distributed.py, launch/ with --module=evaluate;
 docs/distributed.md).
@@ -27,17 +27,18 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from eavl_jax import cli
 from eavl_jax import checkpointing
 from eavl_jax import config_check
 from eavl_jax import errors
-from eavl_jax import evaluation
+from eavl_jax import scoring
 from eavl_jax import metrics
 from eavl_jax import sharding
-from eavl_jax import trainer
+from eavl_jax import steps
+from eavl_jax import synthetic_task
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.weights import lavt as lavt_weights
 
 FLAGS = flags.FLAGS
@@ -45,11 +46,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Training workdir; results go to <workdir>/eval.')
-  flags.DEFINE_string('checkpoint', None, 'A step of --workdir, or a checkpoint folder '
-                      '<workdir>/checkpoints/<step>. Default: the latest.')
-  flags.DEFINE_bool('best', False, 'The checkpoint with the best validation mIoU.')
+  cli.define_config_flag()
+  cli.define_checkpoint_flags('Training workdir; results go to <workdir>/eval.')
   flags.DEFINE_list('splits', None, 'Splits to evaluate; default config.data.eval_splits.')
   flags.DEFINE_integer('batch_size', None, 'Global eval batch; default '
                        'config.train.eval_batch_size.')
@@ -92,8 +90,8 @@ TABLE_II_KEYS = ('mIoU', 'Pr@0.5', 'Pr@0.6', 'Pr@0.7', 'Pr@0.8', 'Pr@0.9', 'oIoU
 
 
 def evaluate_splits(config, predict_fn, splits, **kwargs):
-  """{split: metrics} for every split (kwargs as evaluation.evaluate_split)."""
-  return {split: evaluation.evaluate_split(config, predict_fn, split, **kwargs)[0]
+  """{split: metrics} for every split (kwargs as scoring.evaluate_split)."""
+  return {split: scoring.evaluate_split(config, predict_fn, split, **kwargs)[0]
           for split in splits}
 
 
@@ -120,7 +118,7 @@ def format_tables(dataset, step, results, protocol, model='eavl'):
   or LAVT's README for model 'lavt'), table II layout (a row per split: mIoU, Pr@50 ... Pr@90,
   oIoU) and, where measured, the query diversity (a row per split: qIoU = query_mask_iou, S-ent =
   score_entropy; '-': not measured), in %; under protocol 'lavt' also test.py's printout per
-  split. protocol: the header's second line (evaluation.describe_protocol)."""
+  split. protocol: the header's second line (scoring.describe_protocol)."""
   splits = list(results)
   name = DATASET_NAMES.get(dataset, dataset)
   paper, label = reference_rows(dataset, model)
@@ -208,8 +206,8 @@ def released_variables(config, mesh):
   check_released(config)
   m = config.model
   model_config = weights.with_checkpoint_text_sizes(m)
-  model = eavl.build_model(model_config)
-  inputs = eavl.dummy_inputs(model_config, 1)
+  model = builder.build_model(model_config)
+  inputs = builder.dummy_inputs(model_config, 1)
   initial = jax.device_get(jax.jit(lambda key: model.init(key, *inputs, train=False))(
       jax.random.key(config.seed)))
   loaded = lavt_weights.load_lavt(m.lavt.pretrained, initial, model_config)
@@ -238,7 +236,7 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
                      '--best, not both')
   if released:
     check_released(config)   # before the data are read or generated
-  config = trainer.prepare_data(config, workdir)   # synthetic: the records under workdir/data
+  config = synthetic_task.prepare(config, workdir)   # synthetic: the records under workdir/data
   splits = list(splits or config.data.eval_splits)
   if not splits:
     raise ValueError('no split to evaluate: give --splits or set config.data.eval_splits')
@@ -252,12 +250,12 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
     source = os.path.join(ckpt_workdir, 'checkpoints', str(step))
   record = {'step': step, 'dataset': config.data.dataset,
             'data_dir': os.path.abspath(config.data.data_dir), 'protocol': config.eval.protocol,
-            'checkpoint': source, 'scoring': evaluation.scoring_record(config)}
+            'checkpoint': source, 'scoring': scoring.scoring_record(config)}
   warn_if_not_lavts_records(record['scoring'])
   path = json_path(workdir, record)
   read_splits(path, record)   # another record's file: an error before the evaluation
-  predict = trainer.make_predict_fn(
-      eavl.build_model(weights.with_checkpoint_text_sizes(config.model)))
+  predict = steps.make_predict_fn(
+      builder.build_model(weights.with_checkpoint_text_sizes(config.model)))
   results = evaluate_splits(config, lambda batch: predict(variables, batch), splits, mesh=mesh,
                             batch_size=batch_size)
   if jax.process_index() == 0:
@@ -280,7 +278,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     sys.exit(errors.error_message(e))
   if jax.process_index() == 0:
-    print(format_tables(config.data.dataset, step, results, evaluation.describe_protocol(config),
+    print(format_tables(config.data.dataset, step, results, scoring.describe_protocol(config),
                         config.model.name))
     print(f'\nwritten: {path}')
 

@@ -21,19 +21,19 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
+from eavl_jax import cli
 from eavl_jax import errors
 from eavl_jax import train_state
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  cli.define_config_flag()
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
   flags.DEFINE_bool('flops', False, "Forward cost from XLA's cost analysis.")
   flags.DEFINE_bool('speed', False, 'Images/s of jitted inference on this backend.')
@@ -124,14 +124,14 @@ def format_table(counts, table_vi_counts, paper):
 def compile_forward(model_config, batch_size=1, shapes=None):
   """The jitted inference forward pass (params, image, ids, mask) -> logits, compiled.
   shapes: abstract_params(model_config) if already at hand."""
-  model = eavl.build_model(model_config)
+  model = builder.build_model(model_config)
   # BatchNorm's running averages (model.head_norm='batch') as at initialisation: mean 0, var 1.
   stats = jax.tree_util.tree_map_with_path(
       lambda path, x: (jnp.ones if path[-1].key == 'var' else jnp.zeros)(x.shape, x.dtype),
       train_state.abstract_variables(model_config)['batch_stats'])
   forward = jax.jit(lambda params, *inputs: model.apply(
       {'params': params, 'batch_stats': stats}, *inputs, train=False)['logits'])
-  inputs = eavl.dummy_inputs(model_config, batch_size)
+  inputs = builder.dummy_inputs(model_config, batch_size)
   params = abstract_params(model_config) if shapes is None else shapes
   return forward.lower(params, *inputs).compile()
 
@@ -161,7 +161,7 @@ def inference_speed(compiled, model_config, batch_size, iterations=5, warmup=2, 
   if iterations < 1 or warmup < 0:
     raise ValueError(f'--iterations={iterations} must be >= 1 and --warmup={warmup} >= 0')
   params = random_params(model_config, shapes=shapes)
-  inputs = [jnp.asarray(x) for x in eavl.dummy_inputs(model_config, batch_size)]
+  inputs = [jnp.asarray(x) for x in builder.dummy_inputs(model_config, batch_size)]
   for _ in range(warmup):
     jax.block_until_ready(compiled(params, *inputs))
   seconds = []

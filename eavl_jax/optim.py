@@ -29,8 +29,6 @@ def learning_rate_schedule(optim_config, total_updates):
   """Linear warmup from 0 (optional), then polynomial decay (power 0.9) to the end value."""
   o = optim_config
   warmup = o.warmup_steps
-  if total_updates <= warmup:
-    raise ValueError(f'optim.warmup_steps={warmup} leaves no room in {total_updates} updates')
   decay = optax.polynomial_schedule(o.learning_rate, o.end_learning_rate, o.decay_power,
                                     transition_steps=total_updates - warmup)
   if not warmup:
@@ -97,15 +95,11 @@ def scale_by_multipliers(optim_config) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim_config, total_updates):
-  """-> (optax transformation, schedule). The schedule maps an update count to the lr."""
+  """-> (optax transformation, schedule). The schedule maps an update count to the lr.
+
+  The values were checked by config_check.validate (the counts by run_sizes.check); the trainer
+  builds this once per run, for run_sizes' total_updates."""
   o = optim_config
-  if o.name not in OPTIMIZERS:
-    raise ValueError(f'optim.name={o.name!r}: must be one of {OPTIMIZERS}')
-  if o.grad_accum_steps < 1:
-    raise ValueError(f'optim.grad_accum_steps={o.grad_accum_steps} must be >= 1')
-  if o.weight_decay_exempt not in WEIGHT_DECAY_EXEMPT:
-    raise ValueError(f'optim.weight_decay_exempt={o.weight_decay_exempt!r}: must be one of '
-                     f'{WEIGHT_DECAY_EXEMPT}')
   schedule = learning_rate_schedule(o, total_updates)
   parts = []
   if o.grad_clip_norm > 0:

@@ -19,18 +19,18 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 from PIL import Image
 from PIL import ImageDraw
 
+from eavl_jax import cli
 from eavl_jax import checkpointing
 from eavl_jax import config_check
 from eavl_jax import errors
-from eavl_jax import evaluation
+from eavl_jax import scoring
 from eavl_jax import input_pipeline
 from eavl_jax import losses
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 FLAGS = flags.FLAGS
 PANEL_SIZE = 192     # long side of a per-query panel, pixels
@@ -45,11 +45,8 @@ OUTLINE_RGB = np.array([255, 255, 255], np.float32)
 
 def define_flags():
   """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.')
-  flags.DEFINE_string('checkpoint', None, 'A step of --workdir, or a checkpoint folder '
-                      '<workdir>/checkpoints/<step>. Default: the latest.')
-  flags.DEFINE_bool('best', False, 'The checkpoint with the best validation mIoU.')
+  cli.define_config_flag()
+  cli.define_checkpoint_flags('Training workdir holding checkpoints/.')
   flags.DEFINE_string('image', None, 'Input image (any format PIL reads).')
   flags.DEFINE_string('text', None, 'The referring expression.')
   flags.DEFINE_string('out', None, 'Output PNG: the mask over the image.')
@@ -83,7 +80,7 @@ def predict(config, variables, image_path, text):
   bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
   image, rgb = load_image(image_path, config.model.image_size)
   input_ids, attention_mask = tokenize(config, text)
-  model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
+  model = builder.build_model(weights.with_checkpoint_text_sizes(config.model))
   out = jax.jit(lambda v, *x: model.apply(v, *x, train=False))(
       variables, image, input_ids, attention_mask)
   h, w = rgb.shape[:2]
@@ -111,7 +108,7 @@ def outline(mask):
 def query_overlay(rgb, prob, colour):
   """rgb (H, W, 3) uint8, prob (H, W) in [0, 1], colour (3,) -> (H, W, 3) uint8: the image in
   dimmed grey, `colour` blended in by QUERY_ALPHA * prob, the outline of prob > 0.5 in white."""
-  out = evaluation.overlay(dimmed_grey(rgb), prob, colour, QUERY_ALPHA)
+  out = scoring.overlay(dimmed_grey(rgb), prob, colour, QUERY_ALPHA)
   out[outline(prob > 0.5)] = OUTLINE_RGB
   return out
 
@@ -160,7 +157,7 @@ def check_out_path(out_path):
 def write_outputs(result, out_path, per_query=False):
   """Writes OUT.png (and OUT_queries.png) -> the paths written."""
   check_out_path(out_path)
-  Image.fromarray(evaluation.overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
+  Image.fromarray(scoring.overlay(result['rgb'], result['mask'])).save(out_path, format='PNG')
   written = [out_path]
   if per_query:
     panels = query_panels(result['rgb'], result['query_logits'], result['scores'])

@@ -59,6 +59,11 @@ def tree_shardings(abstract_tree, mesh, param_sharding):
   return jax.tree.map(one, abstract_tree)
 
 
+def axes_size(mesh, axes) -> int:
+  """The number of devices along `axes` of the mesh."""
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

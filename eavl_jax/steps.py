@@ -1,15 +1,16 @@
 """The train step and the predict function alone: no data pipeline, checkpoints or loop, so that
 they import where only jax, flax, optax, transformers and ml_collections are (benchmarks/
-device_check.py on a bare GPU machine). eavl_jax/trainer.py runs them in the training loop and
-keeps their names (`trainer.make_train_step`, ...).
+device_check.py on a bare GPU machine). The training loop (trainer.py), evaluation, tools and
+benchmarks import them from here.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from eavl_jax import device_memory
 from eavl_jax import losses
 from eavl_jax import optim
+from eavl_jax import run_sizes
 from eavl_jax import sharding as sharding_lib
 from eavl_jax import train_state as train_state_lib
 
@@ -62,16 +63,29 @@ def jit_train_step(train_step, state_shardings, mesh):
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def lower_train_step(config, model, mesh, total_updates):
-  """The train step of `config` (its optimizer, its micro-batch) jitted and lowered ahead of time
-  on the abstract state and batch: nothing is allocated. -> jax.stages.Lowered."""
-  tx, schedule = optim.make_optimizer(config.optim, total_updates)
+def abstract_train_batch(config, micro_batch):
+  """ShapeDtypeStructs of a global train batch of `micro_batch` expressions, as the train loader
+  makes it (eavl_jax/input_pipeline.py): micro_batch / data.refs_per_image images."""
+  s, length = config.model.image_size, config.model.max_tokens
+  images = micro_batch // config.data.refs_per_image
+  return {
+      'image': jax.ShapeDtypeStruct((images, s, s, 3), np.float32),           # (B/K, S, S, 3)
+      'input_ids': jax.ShapeDtypeStruct((micro_batch, length), np.int32),     # (B, L)
+      'attention_mask': jax.ShapeDtypeStruct((micro_batch, length), np.int32),  # (B, L)
+      'mask': jax.ShapeDtypeStruct((micro_batch, s, s), np.uint8),            # (B, S, S)
+  }
+
+
+def lower_train_step(config, model, mesh, optimizer):
+  """The train step of `config` with `optimizer` = (tx, schedule) (optim.make_optimizer), on
+  its micro-batch, jitted and lowered ahead of time on the abstract state and batch: nothing is
+  allocated. -> jax.stages.Lowered."""
+  tx, schedule = optimizer
   abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
   frozen = optim.frozen_mask(config.optim, abstract.params)
   step = jit_train_step(make_train_step(model, tx, schedule, config, frozen, mesh), shardings,
                         mesh)
-  micro_batch = config.train.global_batch_size // config.optim.grad_accum_steps
-  return step.lower(abstract, device_memory.abstract_train_batch(config, micro_batch),
+  return step.lower(abstract, abstract_train_batch(config, run_sizes.micro_batch(config)),
                     abstract.rng)
 
 

@@ -18,8 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from eavl_jax import cli
 from eavl_jax import distributed
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -28,18 +28,20 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags, defined only when run as a program (no clash with other modules')."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  cli.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and metrics.')
 
 
-def quiet_libraries():
-  """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
-  ours = (os.sep + 'eavl_jax' + os.sep, os.sep + 'data_prep' + os.sep)
-  noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
-  logging.get_absl_handler().addFilter(
-      lambda r: (r.levelno >= logging.converter.STANDARD_WARNING
-                 and not any(n in str(r.msg) for n in noise))
-      or any(p in r.pathname for p in ours))
+def run(config, workdir):
+  """Checks the config, makes the synthetic task's data when it is the data set, trains; -> the
+  last validation metrics (None with evaluation off)."""
+  # pylint: disable=g-import-not-at-top  (loaded after the malloc restart, see main)
+  from eavl_jax import config_check
+  from eavl_jax import synthetic_task
+  from eavl_jax import trainer
+  config_check.validate(config, training=True)   # every key, before the data are generated
+  config = synthetic_task.prepare(config, os.path.abspath(workdir))
+  return trainer.train_and_evaluate(config, workdir)
 
 
 def main(argv):
@@ -47,7 +49,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
-  quiet_libraries()
+  cli.quiet_libraries()
   logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES'))
   distributed.initialize()
   logging.info('process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
@@ -56,7 +58,7 @@ def main(argv):
   # After the malloc restart and jax.distributed: the model code loads once, in the final process.
   from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.workdir)
   except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     # Bad config / data / checkpoint: the message names the field, file or entries.
     print(f'error: {e}', file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from eavl_jax import hub
 from eavl_jax import sharding as sharding_lib
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.weights import lavt as lavt_weights
 
 
@@ -37,7 +37,7 @@ def state_shardings(abstract_state, mesh, param_sharding):
 
 
 def make_init_fn(model, model_config, tx):
-  inputs = eavl.dummy_inputs(model_config, 1)
+  inputs = builder.dummy_inputs(model_config, 1)
 
   def init(rng):
     params_rng, train_rng = jax.random.split(rng)
@@ -59,8 +59,8 @@ def abstract_variables(model_config, batch_size=1):
   """{'params', 'batch_stats'} of the model as ShapeDtypeStructs (jax.eval_shape: nothing is
   allocated); 'batch_stats' is {} without BatchNorm in the head. model_config: with the
   text-encoder sizes already resolved (weights.with_checkpoint_text_sizes)."""
-  model = eavl.build_model(model_config)
-  inputs = eavl.dummy_inputs(model_config, batch_size)
+  model = builder.build_model(model_config)
+  inputs = builder.dummy_inputs(model_config, batch_size)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 

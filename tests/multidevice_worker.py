@@ -27,8 +27,8 @@ from configs import tiny  # pylint: disable=g-import-not-at-top
 from eavl_jax import optim  # pylint: disable=g-import-not-at-top
 from eavl_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from eavl_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
-from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+from eavl_jax import steps  # pylint: disable=g-import-not-at-top
+from eavl_jax.models import builder  # pylint: disable=g-import-not-at-top
 
 GLOBAL_BATCH = 8
 NUM_STEPS = 2
@@ -82,11 +82,11 @@ def collective_sizes(hlo_text):
 
 def run(config, mesh, local_rows, num_steps=NUM_STEPS):
   """Trains num_steps steps; -> (losses, grad norms, flat final variables, compiled HLO text)."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
   state, shardings = train_state_lib.create_train_state(config, model, tx, mesh)
   frozen = optim.frozen_mask(config.optim, state.params)
-  step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config, frozen, mesh),
+  step = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config, frozen, mesh),
                                 shardings, mesh)
   losses, norms, compiled = [], [], None
   for i, batch in enumerate(global_batches(config)[:num_steps]):

@@ -78,7 +78,7 @@ def test_train_step_components_cover_every_submodule_of_eavl_and_lavt():
   for name, head in (('eavl', 'fixed'), ('lavt', 'fixed'), ('lavt', 'aligner')):
     train_step, step = _tiny_step(name, head)
     variables = jax.eval_shape(
-        lambda k, step=step: step.model.init(k, *train_step.eavl.dummy_inputs(
+        lambda k, step=step: step.model.init(k, *train_step.builder.dummy_inputs(
             step.config.model, 1), train=False), jax.random.PRNGKey(0))
     calls, out_shapes = train_step.capture_components(step, variables)
     assert set(calls) == set(variables['params']), (name, head, set(calls))

@@ -10,8 +10,10 @@ import tqdm
 
 from configs import tiny
 from eavl_jax import sharding
+from eavl_jax import reporting
+from eavl_jax import steps
 from eavl_jax import trainer
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 
 def _config(data_dir, change=lambda m: None):
@@ -24,11 +26,11 @@ def _config(data_dir, change=lambda m: None):
 
 def _validate(config, variables, workdir):
   """trainer.validate on the val split as the loop calls it -> (its metrics, metrics.jsonl rows)."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   os.makedirs(workdir, exist_ok=True)
-  writer = trainer.Writer(str(workdir))
+  writer = reporting.Writer(str(workdir))
   state = types.SimpleNamespace(variables=lambda: variables)
-  result = trainer.validate(config, trainer.make_predict_fn(model), state,
+  result = trainer.validate(config, steps.make_predict_fn(model), state,
                             sharding.make_mesh(config.mesh), 7, writer, tqdm.tqdm(disable=True))
   writer.close()
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -36,8 +38,8 @@ def _validate(config, variables, workdir):
 
 
 def _init(config):
-  model = eavl.build_model(config.model)
-  inputs = eavl.dummy_inputs(config.model, 1)
+  model = builder.build_model(config.model)
+  inputs = builder.dummy_inputs(config.model, 1)
   return jax.jit(lambda k: model.init(k, *inputs))(jax.random.key(0))
 
 
@@ -88,11 +90,11 @@ def test_no_warning_below_the_threshold_or_without_several_queries(synthetic_rec
 def test_the_warning_follows_the_threshold():
   config = tiny.get_config()
   result = {'query_mask_iou': 0.89, 'score_entropy': 0.95}
-  assert trainer.collapse_warning(config, 'val', 1, result) is None
+  assert reporting.collapse_warning(config, 'val', 1, result) is None
   config.eval.collapse_qiou = 0.85
-  assert 'qIoU 89.00% >= eval.collapse_qiou=85%' in trainer.collapse_warning(
+  assert 'qIoU 89.00% >= eval.collapse_qiou=85%' in reporting.collapse_warning(
       config, 'val', 1, result)
-  assert trainer.collapse_warning(config, 'val', 1, {'oIoU': 0.5}) is None   # no masks reported
+  assert reporting.collapse_warning(config, 'val', 1, {'oIoU': 0.5}) is None   # no masks reported
 
 
 def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
@@ -101,7 +103,7 @@ def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
   every stage."""
   from tools import query_collapse  # pylint: disable=g-import-not-at-top
   config = _config(synthetic_records)
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   batch, = query_collapse.fixed_batches(config, 1, seed=0)
   variables = _init(config)
   row = jax.device_get(query_collapse.make_diagnose(config, model)(variables, batch))
@@ -116,6 +118,6 @@ def test_query_collapse_tool_measures_what_the_docs_say(synthetic_records):
   def relu_kernels(m):
     m.aligner.kernel_activation = 'relu'
   config = _config(synthetic_records, relu_kernels)
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   row = jax.device_get(query_collapse.make_diagnose(config, model)(_init(config), batch))
   assert row['g_kern'] < 0.999

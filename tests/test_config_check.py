@@ -9,7 +9,8 @@ from eavl_jax import checkpointing
 from eavl_jax import config_check
 from eavl_jax import evaluate
 from eavl_jax import predict
-from eavl_jax import trainer
+from eavl_jax import synthetic_task
+from eavl_jax import train
 
 
 @pytest.fixture
@@ -17,14 +18,14 @@ def no_slow_work(monkeypatch):
   """Makes generating / reading the data, and restoring a checkpoint, fail the test if reached."""
   def reached(*args, **kwargs):
     raise AssertionError('slow work started before the config was refused')
-  monkeypatch.setattr(trainer, 'prepare_data', reached)
+  monkeypatch.setattr(synthetic_task, 'prepare', reached)
   monkeypatch.setattr(checkpointing, 'restore_variables', reached)
 
 
 def test_unset_swin_is_refused_naming_the_key_and_how_to_set_it(no_slow_work, tmp_path):
   config = refcoco.get_config()                     # vision_encoder.pretrained = '' in base.py
   with pytest.raises(ValueError) as e:
-    trainer.train_and_evaluate(config, str(tmp_path))
+    train.run(config, str(tmp_path))
   message = str(e.value)
   assert "model.vision_encoder.pretrained is ''" in message and '\n' not in message
   assert '--config.model.vision_encoder.pretrained=' in message and "'scratch'" in message
@@ -102,7 +103,7 @@ def test_bad_value_refused_before_any_slow_work(key, value, match, no_slow_work,
     parent = parent[part]
   parent[name] = value
   with pytest.raises(ValueError, match=match):
-    trainer.train_and_evaluate(config, str(tmp_path / 'train'))
+    train.run(config, str(tmp_path / 'train'))
   assert not (tmp_path / 'train').exists()
   with pytest.raises(ValueError, match=match):
     evaluate.run(config, str(tmp_path / 'eval'))

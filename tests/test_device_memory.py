@@ -10,10 +10,12 @@ import pytest
 
 from configs import tiny
 from eavl_jax import device_memory
+from eavl_jax import optim
 from eavl_jax import sharding as sharding_lib
+from eavl_jax import steps
 from eavl_jax import trainer
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,9 +34,10 @@ def _config(data_dir):
 
 def _needed(config, accum):
   config = device_memory.with_accum(config, accum)
-  model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
+  model = builder.build_model(weights.with_checkpoint_text_sizes(config.model))
   mesh = sharding_lib.make_mesh(config.mesh)
-  compiled = trainer.lower_train_step(config, model, mesh, total_updates=8).compile()
+  compiled = steps.lower_train_step(config, model, mesh,
+                                      optim.make_optimizer(config.optim, 8)).compile()
   return device_memory.step_bytes(compiled)['needed']
 
 
@@ -155,17 +158,17 @@ def test_the_message_without_a_fitting_factor():
 _PER_DEVICE = """
 import json, jax
 from configs import tiny
-from eavl_jax import device_memory, sharding, trainer
-from eavl_jax.models import eavl
+from eavl_jax import device_memory, optim, sharding, steps
+from eavl_jax.models import builder
 c = tiny.get_config()
 c.train.global_batch_size = 8
-model = eavl.build_model(c.model)
+model = builder.build_model(c.model)
 out = {}
 for name, data, fsdp, how in (('one', 1, 1, 'replicate'), ('data2', 2, 1, 'replicate'),
                               ('fsdp2', 1, 2, 'fsdp')):
   c.mesh.data, c.mesh.fsdp, c.mesh.param_sharding = data, fsdp, how
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:data * fsdp])
-  lowered = trainer.lower_train_step(c, model, mesh, total_updates=8)
+  lowered = steps.lower_train_step(c, model, mesh, optim.make_optimizer(c.optim, 8))
   out[name] = device_memory.step_bytes(lowered.compile())
 print(json.dumps(out))
 """

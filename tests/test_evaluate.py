@@ -11,7 +11,7 @@ import pytest
 
 from eavl_jax import checkpointing
 from eavl_jax import evaluate
-from eavl_jax import evaluation
+from eavl_jax import scoring
 from eavl_jax import metrics
 from eavl_jax import sharding
 
@@ -61,7 +61,7 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
   step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
   record = {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': synthetic_records,
             'protocol': 'original', 'checkpoint': step_dir,
-            'scoring': evaluation.scoring_record(tiny_trained.config())}
+            'scoring': scoring.scoring_record(tiny_trained.config())}
   earlier = {**record, 'splits': {'testB': {'oIoU': 0.5, 'samples': 3}}}
   os.makedirs(tmp_path / 'eval')
   with open(evaluate.json_path(str(tmp_path), record), 'w') as f:
@@ -135,7 +135,7 @@ def test_the_train_split_is_evaluated_on_every_sentence(tiny_trained, synthetic_
   want = sentence_counts(synthetic_raw, ('train',))['train']
   mesh = sharding.make_mesh(config.mesh)
   ground_truth = lambda b: b['mask_orig'].astype(jnp.float32) * 2.0 - 1.0
-  got, _ = evaluation.evaluate_split(config, ground_truth, 'train', mesh=mesh, batch_size=4,
+  got, _ = scoring.evaluate_split(config, ground_truth, 'train', mesh=mesh, batch_size=4,
                                      logits_on_canvas=True)
   assert got['samples'] == want and got['mIoU'] == 1.0, got
 
@@ -169,7 +169,7 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
   with pytest.raises(ValueError, match='validation mIoU'):  # trained without validation
     checkpointing.restore_variables(config, workdir, best=True)
   with pytest.raises(ValueError, match='no split'):
-    evaluation.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
+    scoring.evaluate_split(config, None, 'nonexistent', mesh=sharding.make_mesh(config.mesh))
 
   proc = finish(no_checkpoint)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
@@ -189,9 +189,9 @@ def test_clear_errors(tiny_trained, synthetic_records, tmp_path):
 def test_scoring_record_names_what_decides_the_digits(tiny_trained):
   """The eval JSON's 'scoring': the two protocols differ in every rule that changes a digit."""
   config = tiny_trained.config()
-  original = evaluation.scoring_record(config)
+  original = scoring.scoring_record(config)
   config.eval.protocol = 'lavt'
-  lavt = evaluation.scoring_record(config)
+  lavt = scoring.scoring_record(config)
   assert original['protocol'] == 'original' and lavt['protocol'] == 'lavt'
   assert lavt['image_size'] == original['image_size'] == config.model.image_size
   assert lavt['max_tokens'] == config.model.max_tokens
@@ -221,7 +221,7 @@ def test_another_data_set_or_protocol_keeps_the_first_json(tiny_trained, synthet
       saved = json.load(f)
     assert saved == {'step': tiny_trained.steps, 'dataset': 'synthetic', 'data_dir': data_dir,
                      'protocol': protocol, 'checkpoint': step_dir,
-                     'scoring': evaluation.scoring_record(config), 'splits': results}
+                     'scoring': scoring.scoring_record(config), 'splits': results}
     assert saved['scoring']['protocol'] == protocol
     if written:   # the first file is unchanged
       with open(written[0][0]) as f:

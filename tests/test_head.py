@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny as tiny_config
 from eavl_jax.models import aligner
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.models import query_generator
 from tests.test_dynamic_conv import loop_reference
 
@@ -107,7 +107,7 @@ def test_masks_equal_eq_11_12_14(kernel_activation):
 def batch_norm_model():
   config = tiny_config.get_config()
   config.model.head_norm = 'batch'
-  return config, eavl.build_model(config.model)
+  return config, builder.build_model(config.model)
 
 
 def inputs(config, batch_size, seed=0):
@@ -185,7 +185,7 @@ def test_batch_norm_running_averages_are_checkpointed_and_restored(tmp_path):
   from eavl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from eavl_jax import sharding  # pylint: disable=g-import-not-at-top
   from eavl_jax import train_state  # pylint: disable=g-import-not-at-top
-  from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
+  from eavl_jax import steps  # pylint: disable=g-import-not-at-top
   from tests import multidevice_worker  # pylint: disable=g-import-not-at-top
   config, model = batch_norm_model()
   config.train.global_batch_size = multidevice_worker.GLOBAL_BATCH
@@ -193,7 +193,7 @@ def test_batch_norm_running_averages_are_checkpointed_and_restored(tmp_path):
   tx = optax.sgd(0.1)
   state, shardings = train_state.create_train_state(config, model, tx, mesh)
   initial = jax.device_get(state.batch_stats)
-  step = trainer.jit_train_step(trainer.make_train_step(
+  step = steps.jit_train_step(steps.make_train_step(
       model, tx, optax.constant_schedule(0.1), config,
       jax.tree.map(lambda _: False, state.params), mesh), shardings, mesh)
   batch = sharding.global_batch(multidevice_worker.global_batches(config)[0], mesh)
@@ -221,7 +221,7 @@ def test_gates_open_at_init_start_at_one_for_any_input(norm):
   for open_gates in (True, False):
     config = tiny_config.get_config()
     config.model.head_norm, config.model.gates_open_at_init = norm, open_gates
-    model = eavl.build_model(config.model)
+    model = builder.build_model(config.model)
     x = inputs(config, 3)
     variables = jax.jit(lambda k, m=model: m.init(k, *x))(jax.random.key(0))
     _, state = model.apply(variables, *x, train=True, mutable=['batch_stats', 'intermediates'],

@@ -31,11 +31,12 @@ from eavl_jax import predict
 from eavl_jax import sharding
 from eavl_jax import train_state
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.models import lavt
 from eavl_jax.models import swin
 from eavl_jax.weights import lavt as lavt_weights
 from eavl_jax.weights import report
+from tests.model_inputs import random_batch
 
 HEAD_TREES = {'fixed': 'classifier', 'aligner': 'aligner_head'}
 
@@ -52,20 +53,6 @@ def tiny(head='fixed', **model_overrides):
     target[leaf] = value
   c.loss.name, c.loss.at_input_size = 'weighted_ce', True
   return c
-
-
-def random_batch(model_config, batch_size, seed=0):
-  rng = np.random.default_rng(seed)
-  s, l = model_config.image_size, model_config.max_tokens
-  image = rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)
-  lengths = rng.integers(3, l + 1, size=batch_size)
-  input_ids = rng.integers(1000, 5000, size=(batch_size, l)).astype(np.int32)
-  attention_mask = (np.arange(l)[None] < lengths[:, None]).astype(np.int32)
-  input_ids[:, 0] = 101
-  input_ids[np.arange(batch_size), lengths - 1] = 102
-  input_ids *= attention_mask
-  mask = (rng.random((batch_size, s, s)) < 0.3).astype(np.uint8)
-  return image, input_ids, attention_mask, mask
 
 
 def init_variables(model, inputs, seed=0):
@@ -171,7 +158,7 @@ def test_every_module_shape_both_heads():
   for head in lavt.HEADS:
     config = tiny(head)
     m = config.model
-    model = eavl.build_model(m)
+    model = builder.build_model(m)
     image, ids, mask, _ = random_batch(m, 2)
     # Shapes only: traced abstractly (jax.eval_shape), nothing compiled or run.
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), image, ids, mask, train=False))
@@ -229,7 +216,7 @@ def test_paper_sizes_abstractly():
 def test_padding_words_never_change_the_prediction():
   for head in lavt.HEADS:
     config = tiny(head)
-    model = eavl.build_model(config.model)
+    model = builder.build_model(config.model)
     image, ids, mask, _ = random_batch(config.model, 2, seed=1)
     variables = init_variables(model, (image, ids, mask))
     run = jax.jit(lambda i, m: model.apply(variables, image, i, m)['logits'])
@@ -244,7 +231,7 @@ def test_padding_words_never_change_the_prediction():
 
 def test_refs_per_image_equals_the_images_repeated():
   config = tiny('aligner')
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, mask, _ = random_batch(config.model, 4, seed=2)
   variables = init_variables(model, (image, ids, mask))
   shared = model.apply(variables, image[::2], ids, mask, refs_per_image=2)['logits']
@@ -265,7 +252,7 @@ def test_every_parameter_gets_a_gradient_and_the_heads_differ_only_in_their_own(
   names = {}
   for head in lavt.HEADS:
     config = tiny(head)
-    model = eavl.build_model(config.model)
+    model = builder.build_model(config.model)
     image, ids, mask, gt = random_batch(config.model, 2, seed=3)
     variables = init_variables(model, (image, ids, mask), seed=1)
 
@@ -295,7 +282,7 @@ def test_every_parameter_gets_a_gradient_and_the_heads_differ_only_in_their_own(
 ])
 def test_bad_config_names_the_field(field, value, match):
   with pytest.raises(ValueError, match=match):
-    eavl.build_model(tiny(**{field: value}).model)
+    builder.build_model(tiny(**{field: value}).model)
 
 
 # ------------------------------------------------------------------ loss, Swin order
@@ -475,7 +462,7 @@ def test_lavt_builds_its_swin_with_lavts_rules(monkeypatch):
   monkeypatch.setattr(swin, 'SwinTransformer', recording)
   for name, config in (('lavt', tiny()), ('eavl', tiny_config.get_config())):
     built.clear()
-    model = eavl.build_model(config.model)
+    model = builder.build_model(config.model)
     jax.eval_shape(model.init, jax.random.key(0), *random_batch(config.model, 1)[:3])
     assert list(built.values()) == [{'pad_before_shift': name == 'lavt',
                                      'pad_small_maps': name == 'lavt'}], name
@@ -550,7 +537,7 @@ def fingerprint(x):
 
 def test_every_key_of_a_lavt_checkpoint_lands(tmp_path):
   config = tiny('fixed')
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, mask, _ = random_batch(config.model, 2)
   variables = jax.device_get(init_variables(model, (image, ids, mask)))
   sd, bert_sd = lavt_state_dicts(config.model)
@@ -625,7 +612,7 @@ def check_decoder_against_torch(loaded, sd, e):
 
 def test_missing_and_unexpected_keys_are_reported(tmp_path):
   config = tiny('fixed')
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, mask, _ = random_batch(config.model, 2)
   variables = jax.device_get(init_variables(model, (image, ids, mask)))
   sd, bert_sd = lavt_state_dicts(config.model)
@@ -651,7 +638,7 @@ def test_aligner_head_loads_all_but_the_classifier_through_the_train_state(tmp_p
   sd, bert_sd = lavt_state_dicts(config.model)
   path = str(tmp_path / 'lavt.pth')
   write_checkpoint(path, sd, bert_sd)
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   tx, _ = optim.make_optimizer(config.optim, 10)
   mesh = sharding.make_mesh(config.mesh)
   fresh, _ = train_state.create_train_state(config, model, tx, mesh)

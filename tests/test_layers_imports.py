@@ -8,7 +8,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ('eavl_jax', 'data_prep')
-ABOVE = ('tools', 'eavl_jax.train', 'eavl_jax.evaluate', 'eavl_jax.predict', 'eavl_jax.model_info')
+ABOVE = ('tools', 'eavl_jax.train', 'eavl_jax.evaluate', 'eavl_jax.predict', 'eavl_jax.model_info',
+         'eavl_jax.convert')
 
 
 def layer_modules():

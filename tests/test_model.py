@@ -11,9 +11,10 @@ from configs import tiny as tiny_config
 from eavl_jax import losses
 from eavl_jax.models import aligner
 from eavl_jax.models import decoder
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.models import neck
 from eavl_jax.models import query_generator
+from tests.model_inputs import random_batch
 
 
 def tiny(**overrides):
@@ -25,20 +26,6 @@ def tiny(**overrides):
       target = target[p]
     target[leaf] = value
   return config
-
-
-def random_batch(model_config, batch_size, seed=0):
-  rng = np.random.default_rng(seed)
-  s, l = model_config.image_size, model_config.max_tokens
-  image = rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)
-  lengths = rng.integers(3, l + 1, size=batch_size)
-  input_ids = rng.integers(1000, 5000, size=(batch_size, l)).astype(np.int32)
-  attention_mask = (np.arange(l)[None] < lengths[:, None]).astype(np.int32)
-  input_ids[:, 0] = 101
-  input_ids[np.arange(batch_size), lengths - 1] = 102
-  input_ids *= attention_mask
-  mask = (rng.random((batch_size, s, s)) < 0.3).astype(np.uint8)
-  return image, input_ids, attention_mask, mask
 
 
 def init(model, inputs, seed=0):
@@ -54,7 +41,7 @@ def apply(model, params, *inputs, **kwargs):
 def test_tiny_output_shapes():
   config = tiny()
   m = config.model
-  model = eavl.build_model(m)
+  model = builder.build_model(m)
   image, ids, mask, _ = random_batch(m, 2)
   params = init(model, (image, ids, mask))
   out = apply(model, params, image, ids, mask)
@@ -88,7 +75,7 @@ def intermediate_shapes(model, params, inputs):
 
 def test_every_module_shape_tiny():
   m = tiny().model
-  model = eavl.build_model(m)
+  model = builder.build_model(m)
   inputs = random_batch(m, 2)[:3]
   params = init(model, inputs)
   assert intermediate_shapes(model, params, inputs) == expected_intermediate_shapes(m, 2, m.max_tokens)
@@ -98,8 +85,8 @@ def test_every_module_shape_tiny():
 def test_every_module_shape_paper_config_abstractly():
   """The paper's setting (480², Swin-B, BERT-base, C=512, N_q=24) through jax.eval_shape only."""
   m = base_config.get_config().model
-  model = eavl.build_model(m)
-  inputs = eavl.dummy_inputs(m, 2)
+  model = builder.build_model(m)
+  inputs = builder.dummy_inputs(m, 2)
   params = jax.eval_shape(lambda: init(model, inputs))
   out, state = jax.eval_shape(lambda p: model.apply(
       {'params': p}, *inputs, capture_intermediates=True, mutable=['intermediates']), params)
@@ -155,7 +142,7 @@ def test_aligner_forms_agree():
   outs = []
   for form in ('vmap_conv', 'shifted_matmul'):
     mf = tiny(**{'aligner.conv_impl': form}).model
-    model = eavl.build_model(mf)
+    model = builder.build_model(mf)
     inputs = random_batch(m, 2)[:3]
     outs.append(apply(model, init(model, inputs), *inputs)['logits'])
   np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), atol=1e-5, rtol=1e-5)
@@ -165,7 +152,7 @@ def test_aligner_forms_agree():
 
 def test_padding_to_17_or_22_tokens_gives_the_same_logits():
   m = tiny(max_tokens=22).model
-  model = eavl.build_model(m)
+  model = builder.build_model(m)
   image, _, _, _ = random_batch(m, 1)
   words = [101, 1996, 2235, 2417, 4418, 2187, 1997, 1996, 2630, 2675, 102]
   padded = {}
@@ -203,7 +190,7 @@ ABLATIONS = {
 @pytest.mark.parametrize('setting', ABLATIONS)
 def test_every_parameter_of_the_setting_gets_a_gradient(setting):
   config = tiny(**ABLATIONS[setting])
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, mask, gt = random_batch(config.model, 2, seed=3)
   variables = jax.jit(lambda key: model.init(key, image, ids, mask))(jax.random.key(1))
   params, stats = variables['params'], variables.get('batch_stats', {})
@@ -248,7 +235,7 @@ def test_every_parameter_of_the_setting_gets_a_gradient(setting):
 def test_jitted_forward_backward_twice_gives_the_same_result():
   config = tiny()
   config.model.decoder.dropout = 0.1
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, mask, gt = random_batch(config.model, 2, seed=5)
   params = init(model, (image, ids, mask))
 
@@ -279,12 +266,12 @@ def test_jitted_forward_backward_twice_gives_the_same_result():
 ])
 def test_bad_config_names_field_and_value(field, value, match):
   with pytest.raises(ValueError, match=match):
-    eavl.build_model(tiny(**{field: value}).model)
+    builder.build_model(tiny(**{field: value}).model)
 
 
 def test_bad_inputs_name_the_problem():
   m = tiny().model
-  model = eavl.build_model(m)
+  model = builder.build_model(m)
   image, ids, mask, _ = random_batch(m, 2)
   params = init(model, (image, ids, mask))
   with pytest.raises(ValueError, match=r'image has shape \(2, 96, 96, 3\).*image_size=64'):
@@ -299,7 +286,7 @@ def test_refs_per_image_equals_the_images_repeated_in_value_and_gradient():
   """K expressions per image: the image features computed once and repeated give the outputs and
   the train step's gradients of K copies of each image."""
   config = tiny()
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   image, ids, text_mask, mask = random_batch(config.model, 4)
   image = image[:2]                                     # 2 images, 2 expressions each
   repeated = np.repeat(image, 2, axis=0)

@@ -10,8 +10,8 @@ from configs import tiny
 from eavl_jax import optim
 from eavl_jax import sharding
 from eavl_jax import train_state
-from eavl_jax import trainer
-from eavl_jax.models import eavl
+from eavl_jax import steps
+from eavl_jax.models import builder
 
 STEPS = 3
 
@@ -32,13 +32,13 @@ def random_batch(config, batch_size=4, seed=0):
 
 def train(config):
   """(initial parameters, parameters after STEPS train steps) of configs/tiny.py's model."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, total_updates=100)
   mesh = sharding.make_mesh(config.mesh)
   state, shardings = train_state.create_train_state(config, model, tx, mesh)
   before = flat(jax.device_get(state.params))
   frozen = optim.frozen_mask(config.optim, state.params)
-  step = trainer.jit_train_step(trainer.make_train_step(model, tx, schedule, config, frozen, mesh),
+  step = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config, frozen, mesh),
                                 shardings, mesh)
   batch = sharding.global_batch(random_batch(config), mesh)
   for i in range(STEPS):

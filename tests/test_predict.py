@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 import torch
 
-from eavl_jax import evaluation
+from eavl_jax import scoring
 from eavl_jax import predict
 
 IMAGE_HW = (45, 70)  # (H, W): not square, not the model's size
@@ -54,14 +54,14 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
   assert result['mask'].shape == IMAGE_HW
   # The written overlay is red exactly where the mask is, the image elsewhere.
   drawn = np.asarray(Image.open(out).convert('RGB')).astype(int)
-  expected = evaluation.overlay(result['rgb'], result['mask']).astype(int)
+  expected = scoring.overlay(result['rgb'], result['mask']).astype(int)
   np.testing.assert_array_equal(drawn, expected)
 
   # (The briefly trained model predicts background everywhere; the blend itself, on a half mask:)
   half = np.zeros(IMAGE_HW, bool)
   half[:, :IMAGE_HW[1] // 2] = True
-  blended = evaluation.overlay(result['rgb'], half).astype(int)
-  alpha = evaluation.OVERLAY_ALPHA
+  blended = scoring.overlay(result['rgb'], half).astype(int)
+  alpha = scoring.OVERLAY_ALPHA
   red = (result['rgb'] * (1 - alpha) + np.array([255, 0, 0]) * alpha).round()
   np.testing.assert_array_equal(blended[half], red[half])
   np.testing.assert_array_equal(blended[~half], result['rgb'][~half])
@@ -127,20 +127,20 @@ def test_query_panels_colour_the_mask_over_grey():
 
 
 def test_validation_panels_red_prediction_left_green_truth_right():
-  """evaluation.prediction_panels (TensorBoard's val/predictions) with the same overlay."""
+  """scoring.prediction_panels (TensorBoard's val/predictions) with the same overlay."""
   s = 8
   image = np.zeros((1, s, s, 3), np.float32)                          # normalised: the mean RGB
-  rgb = evaluation.denormalize(image[0]).astype(float)
+  rgb = scoring.denormalize(image[0]).astype(float)
   logits = np.full((1, s // 4, s // 4), -1.0, np.float32)
   logits[0, 0, 1] = 1.0                                               # top right quarter
   mask_orig = np.zeros((1, 20, 20), np.uint8)
   mask_orig[0, :6, :3] = 1                                            # a (12, 6) image's top left
-  truth = evaluation.truth_at_input_size({'mask_orig': mask_orig, 'orig_size': [[12, 6]]}, s)
+  truth = scoring.truth_at_input_size({'mask_orig': mask_orig, 'orig_size': [[12, 6]]}, s)
   expected = np.zeros((s, s), bool)
   expected[:4, :4] = True    # pixel i samples row i * 12 // 8 < 6 and column i * 6 // 8 < 3: i < 4
   np.testing.assert_array_equal(truth[0] > 0, expected)
-  np.testing.assert_array_equal(evaluation.truth_at_input_size({'mask': truth}, s), truth)
-  [panel] = evaluation.prediction_panels(image, logits, truth)
+  np.testing.assert_array_equal(scoring.truth_at_input_size({'mask': truth}, s), truth)
+  [panel] = scoring.prediction_panels(image, logits, truth)
   assert panel.shape == (s, 2 * s, 3) and panel.dtype == np.uint8
   pred = np.zeros((s, s), bool)
   pred[:4, 4:] = True

@@ -9,7 +9,8 @@ import pytest
 
 from configs import tiny
 from eavl_jax import synthetic_pretrain
-from eavl_jax import trainer
+from eavl_jax import config_check
+from eavl_jax import synthetic_task
 from eavl_jax.weights import report
 from eavl_jax.weights import swin as swin_weights
 
@@ -53,7 +54,7 @@ def test_pretraining_writes_a_swin_the_model_loads_and_training_uses_it(tmp_path
   config.pretrain.vision_steps = 3
   config.pretrain.batch_size = 4
   config.pretrain.warmup_steps = 1
-  prepared = trainer.prepare_data(config, str(tmp_path))
+  prepared = synthetic_task.prepare(config, str(tmp_path))
   folder = prepared.model.vision_encoder.pretrained
   assert folder == str(tmp_path / 'data' / 'pretrained_vision')
   # Every Swin parameter is in the file (no missing or unexpected key), plus its final norm.
@@ -62,18 +63,18 @@ def test_pretraining_writes_a_swin_the_model_loads_and_training_uses_it(tmp_path
   assert sorted(flat) == sorted(expected) and sorted(final_norm) == ['bias', 'scale']
   # Made once: a second call reuses it; another pretraining config is refused.
   mtime = os.path.getmtime(os.path.join(folder, swin_weights.CONVERTED_FILE))
-  trainer.prepare_data(config, str(tmp_path))
+  synthetic_task.prepare(config, str(tmp_path))
   assert os.path.getmtime(os.path.join(folder, swin_weights.CONVERTED_FILE)) == mtime
   config.pretrain.vision_steps = 4
   with pytest.raises(ValueError, match='pretrained_vision holds a vision encoder'):
-    trainer.prepare_data(config, str(tmp_path))
+    synthetic_task.prepare(config, str(tmp_path))
   # The train state starts from it.
   from eavl_jax import optim  # pylint: disable=g-import-not-at-top
   from eavl_jax import sharding  # pylint: disable=g-import-not-at-top
   from eavl_jax import train_state  # pylint: disable=g-import-not-at-top
-  from eavl_jax.models import eavl  # pylint: disable=g-import-not-at-top
+  from eavl_jax.models import builder  # pylint: disable=g-import-not-at-top
   tx, _ = optim.make_optimizer(prepared.optim, 10)
-  state, _ = train_state.create_train_state(prepared, eavl.build_model(prepared.model), tx,
+  state, _ = train_state.create_train_state(prepared, builder.build_model(prepared.model), tx,
                                             sharding.make_mesh(prepared.mesh))
   got = report.flatten(jax.device_get(state.params['vision_encoder']))
   np.testing.assert_array_equal(got['patch_embed/proj/kernel'], flat['patch_embed/proj/kernel'])
@@ -83,5 +84,5 @@ def test_pretraining_needs_the_generated_synthetic_data(synthetic_records):
   config = tiny.get_config()
   config.pretrain.vision_steps = 3
   config.data.data_dir = synthetic_records
-  with pytest.raises(ValueError, match=r"pretrain.vision_steps=3 .* data.data_dir=''"):
-    trainer.prepare_data(config, '/nonexistent')
+  with pytest.raises(ValueError, match=r"pretrain.vision_steps=3: .* data.data_dir=''"):
+    config_check.validate(config)   # before anything is generated

@@ -43,21 +43,21 @@ def test_entry_point_restarts_with_the_tunables(tmp_path):
 
 def test_synthetic_data_of_another_config_is_not_reused(tmp_path):
   from configs import tiny   # pylint: disable=g-import-not-at-top
-  from eavl_jax import trainer   # pylint: disable=g-import-not-at-top
+  from eavl_jax import synthetic_task   # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   (tmp_path / 'data').mkdir()
   built = tmp_path / 'data' / 'BUILT'
   built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images + 1,
                                'seed': config.seed}))
   with pytest.raises(ValueError, match='synthetic_images'):
-    trainer.prepare_data(config, str(tmp_path))
+    synthetic_task.prepare(config, str(tmp_path))
   built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images,
                                'seed': config.seed}))   # records built before image_ids
   with pytest.raises(ValueError, match='image_ids'):
-    trainer.prepare_data(config, str(tmp_path))
+    synthetic_task.prepare(config, str(tmp_path))
   built.write_text(json.dumps({'synthetic_images': config.data.synthetic_images,
                                'seed': config.seed, 'metadata': 'image_ids'}))
-  prepared = trainer.prepare_data(config, str(tmp_path))     # the same config: reused as it is
+  prepared = synthetic_task.prepare(config, str(tmp_path))     # the same config: reused as it is
   assert prepared.data.data_dir == str(tmp_path / 'data' / 'tfds')
 
 

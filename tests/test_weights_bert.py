@@ -17,7 +17,7 @@ from configs import tiny
 from eavl_jax import hub
 from eavl_jax import weights
 from eavl_jax.models import bert
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.weights import bert as bert_weights
 from eavl_jax.weights import files
 from eavl_jax.weights import report
@@ -177,14 +177,14 @@ def test_allowed_missing_and_unexpected_keys_but_never_a_shape_mismatch(tmp_path
 def test_text_sizes_come_from_config_json_before_the_model_is_built():
   m = tiny.get_config().model
   m.text_encoder.pretrained = SPEC
-  model = eavl.build_model(m)   # the model reads no checkpoint: the config's sizes stand
+  model = builder.build_model(m)   # the model reads no checkpoint: the config's sizes stand
   assert model.config.text_encoder.hidden_size == 32
-  model = eavl.build_model(weights.with_checkpoint_text_sizes(m))
+  model = builder.build_model(weights.with_checkpoint_text_sizes(m))
   assert model.config.text_encoder.hidden_size == 384
   assert model.config.text_encoder.num_hidden_layers == 6
   assert model.config.text_encoder.intermediate_size == 1536
   assert model.config.text_encoder.hidden_dropout_prob == 0.0  # dropout stays the config's
   assert m.text_encoder.hidden_size == 32  # the caller's config is left as it was
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *eavl.dummy_inputs(m, 1))['params']
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *builder.dummy_inputs(m, 1))['params']
   loaded, _ = weights.load_bert(SPEC, params['text_encoder'])   # the checkpoint fits the model
   assert loaded['embeddings']['word_embeddings']['embedding'].shape == (30522, 384)

@@ -12,7 +12,7 @@ from configs import tiny
 from eavl_jax import convert
 from eavl_jax import hub
 from eavl_jax import weights
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 from eavl_jax.weights import report
 
 
@@ -35,9 +35,9 @@ def _config(tmp_path):
 
 
 def _random_params(model_config):
-  model = eavl.build_model(weights.with_checkpoint_text_sizes(model_config))
+  model = builder.build_model(weights.with_checkpoint_text_sizes(model_config))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             *eavl.dummy_inputs(model_config, 1))['params'])
+                                             *builder.dummy_inputs(model_config, 1))['params'])
   rng = np.random.RandomState(0)
   return jax.tree.map(lambda s: rng.randn(*s.shape).astype(s.dtype), shapes)
 

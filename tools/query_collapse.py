@@ -37,10 +37,10 @@ from eavl_jax import checkpointing
 from eavl_jax import input_pipeline
 from eavl_jax import losses
 from eavl_jax import metrics
-from eavl_jax import trainer
+from eavl_jax import synthetic_task
 from eavl_jax import weights
 from eavl_jax.models import aligner as aligner_lib
-from eavl_jax.models import eavl
+from eavl_jax.models import builder
 
 FLAGS = flags.FLAGS
 COLUMNS = ('step', 'loss', 'f_vd', 'q_dead', 'q', 'A_ent', 'A_tv', 'F_q', 'W_q', 'g_cos',
@@ -149,8 +149,8 @@ def main(argv):
   del argv
   config = FLAGS.config
   workdir = os.path.abspath(FLAGS.workdir)
-  config = trainer.prepare_data(config, workdir)
-  model = eavl.build_model(weights.with_checkpoint_text_sizes(config.model))
+  config = synthetic_task.prepare(config, workdir)
+  model = builder.build_model(weights.with_checkpoint_text_sizes(config.model))
   batches = fixed_batches(config, FLAGS.batches, seed=config.seed + 12345)
   diagnose = make_diagnose(config, model)
   steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else saved_steps(workdir)

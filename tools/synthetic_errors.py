@@ -31,8 +31,9 @@ from eavl_jax import errors
 from eavl_jax import input_pipeline
 from eavl_jax import metrics
 from eavl_jax import sharding
-from eavl_jax import trainer
-from eavl_jax.models import eavl
+from eavl_jax import steps
+from eavl_jax import synthetic_task
+from eavl_jax.models import builder
 
 FLAGS = flags.FLAGS
 NAME_WIDTH = 56   # the printed table's first column
@@ -65,7 +66,7 @@ def per_expression_iou(config, workdir, checkpoint, split):
   """-> [(ref_id, sentence_index, IoU, predicted mask (H, W) bool)] for every expression."""
   variables, _ = checkpointing.restore_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh(config.mesh)
-  predict = trainer.make_predict_fn(eavl.build_model(config.model))
+  predict = steps.make_predict_fn(builder.build_model(config.model))
   loader = input_pipeline.make_eval_loader(config, split, shard_index=0, shard_count=1,
                                            batch_size=config.train.eval_batch_size)
   rows = []
@@ -93,7 +94,7 @@ def main(argv):
   del argv
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
-  config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
+  config = synthetic_task.prepare(FLAGS.config, FLAGS.workdir)
   raw = FLAGS.raw_dir or os.path.join(FLAGS.workdir, 'data', 'raw')
   with open(os.path.join(raw, 'synthetic', 'refs(unc).p'), 'rb') as f:
     refs = pickle.load(f)

@@ -44,8 +44,8 @@ from data_prep import synthetic
 from eavl_jax import checkpointing
 from eavl_jax import errors
 from eavl_jax import input_pipeline
-from eavl_jax import trainer
-from eavl_jax.models import eavl
+from eavl_jax import synthetic_task
+from eavl_jax.models import builder
 from eavl_jax.models import layers
 
 FLAGS = flags.FLAGS
@@ -98,7 +98,7 @@ def shape_features(config, variables, raw_dir, num_images, batch_size=50):
   for a in instances['annotations']:
     shapes.setdefault(a['image_id'], []).append(a)
   images = [im for im in instances['images'] if im['id'] in shapes][:num_images]
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   s, length = config.model.image_size, config.model.max_tokens
   ids = np.zeros((1, length), np.int32)
   ids[0, :2] = (101, 102)                              # an empty expression: [CLS] [SEP]
@@ -148,7 +148,7 @@ def attention_spread(attention, text_mask):
 
 def word_attention(config, variables, split, max_batches=10):
   """-> (A (N, N_q, L), text masks (N, L)) of the model on `split`'s first batches."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
 
   @jax.jit
   def attention(image, input_ids, text_mask):
@@ -177,7 +177,7 @@ def positive_channels(activations):
 
 def live_units(config, variables, split, max_batches=3):
   """-> {module path: (live channels, channels)} of every ReLU projection, on `split`."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
 
   @jax.jit
   def projections(image, input_ids, text_mask):
@@ -213,7 +213,7 @@ def expression_labels(text):
 
 def text_code(config, variables, raw_dir, splits):
   """-> ({'F_t': (N, C), 'F_q': (N, C)}, {attribute: [N labels]}), every expression of `splits`."""
-  model = eavl.build_model(config.model)
+  model = builder.build_model(config.model)
   with open(os.path.join(raw_dir, 'synthetic', 'refs(unc).p'), 'rb') as f:
     texts = {r['ref_id']: [t['sent'] for t in r['sentences']] for r in pickle.load(f)}
 
@@ -246,10 +246,10 @@ def main(argv):
   del argv
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
-  config = trainer.prepare_data(FLAGS.config, FLAGS.workdir)
+  config = synthetic_task.prepare(FLAGS.config, FLAGS.workdir)
   if FLAGS.checkpoint == 'init':
-    variables = eavl.build_model(config.model).init(
-        jax.random.PRNGKey(config.seed), *eavl.dummy_inputs(config.model, 1))
+    variables = builder.build_model(config.model).init(
+        jax.random.PRNGKey(config.seed), *builder.dummy_inputs(config.model, 1))
   else:
     try:
       variables, _ = checkpointing.restore_variables(config, FLAGS.workdir, FLAGS.checkpoint)

@@ -63,3 +63,13 @@ class Aligner(nn.Module):
       scores = jnp.full((b, n_q), 1.0 / n_q, jnp.float32)
     logits = jnp.einsum('bn,bnhw->bhw', scores, masks)              # eq. 14
     return dict(logits=logits, masks=masks, scores=scores)
+
+
+def from_config(m, dtype, mode=None, upsample_features=True, name='aligner'):
+  """The aligner of `config.model` m, its fields by keyword; mode: model.aligner.mode unless
+  given (LAVT's aligner head)."""
+  a = m.aligner
+  return Aligner(hidden_dim=m.hidden_dim, mode=mode or a.mode, use_estimator=a.use_estimator,
+                 estimator_heads=a.estimator_heads, kernel_activation=a.kernel_activation,
+                 feature_activation=a.feature_activation, conv_impl=a.conv_impl, dtype=dtype,
+                 upsample_features=upsample_features, name=name)

@@ -6,31 +6,26 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
 from eavl_jax.models import aligner as aligner_lib
 from eavl_jax.models import bert
 from eavl_jax.models import decoder as decoder_lib
 from eavl_jax.models import dynamic_conv
 from eavl_jax.models import layers
-from eavl_jax.models import lavt
 from eavl_jax.models import neck as neck_lib
 from eavl_jax.models import query_generator as query_generator_lib
 from eavl_jax.models import swin
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-MODEL_NAMES = ('eavl', 'lavt')   # model.name: what build_model makes
 # Swin downsamples by 32 and the neck upsamples F_v4 by 2 onto F_v3's grid: the size must divide.
 IMAGE_SIZE_MULTIPLE = 32
 
 
 def validate_config(m):
-  """Raises ValueError naming the field for a model config that cannot be built."""
+  """Raises ValueError naming the field (of those LAVT shares with EAVL) that cannot be built;
+  builder.validate_config checks the rest."""
   def fail(field, value, why):
     raise ValueError(f'model.{field}={value!r}: {why}')
-  if m.name not in MODEL_NAMES:
-    fail('name', m.name, f'must be one of {MODEL_NAMES}')
   if m.image_size <= 0 or m.image_size % IMAGE_SIZE_MULTIPLE:
     fail('image_size', m.image_size, f'must be a positive multiple of {IMAGE_SIZE_MULTIPLE}')
   if m.num_queries < 1:
@@ -101,38 +96,11 @@ class EAVL(nn.Module):
     b, h3, w3, _ = f_inte.shape                                     # F_inte (B, H3, W3, C)
     f_vt = f_inte.reshape(b, h3 * w3, c)                            # F_vt (B, H3*W3, C)
 
-    g = m.query_generator
-    f_q = query_generator_lib.QueryGenerator(
-        c, m.num_queries, g.use_global_vision, g.scale_word_attention, m.head_norm,
-        m.gates_open_at_init, dtype, name='query_generator')(f_v2, f_v3, f_v4, f_vg, f_t, attention_mask, train=train)
-    # F_q (B, N_q, C)
+    f_q = query_generator_lib.from_config(m, dtype)(
+        f_v2, f_v3, f_v4, f_vg, f_t, attention_mask, train=train)  # eq. 6-10: F_q (B, N_q, C)
 
     d = m.decoder
     f_s = decoder_lib.Decoder(d.num_layers, d.num_heads, d.mlp_dim, d.dropout, d.pre_norm, dtype,
                               name='decoder')(f_vt, f_q, h3, w3, train=train)  # F_s (B, H3, W3, C)
 
-    a = m.aligner
-    return aligner_lib.Aligner(c, a.mode, a.use_estimator, a.estimator_heads, a.kernel_activation,
-                               a.feature_activation, a.conv_impl, dtype,
-                               name='aligner')(f_s, f_q)            # eq. 11-14
-
-
-def build_model(model_config) -> nn.Module:
-  """The model of `model_config` as given: with a pretrained BERT, the caller first takes the
-  text-encoder sizes from its config.json (weights.with_checkpoint_text_sizes)."""
-  validate_config(model_config)
-  if model_config.name == 'lavt':   # LAVT, its fixed head or the aligner (docs/lavt.md)
-    lavt.validate_config(model_config)
-    return lavt.LAVT(ml_collections.FrozenConfigDict(model_config))
-  return EAVL(ml_collections.FrozenConfigDict(model_config))
-
-
-def dummy_inputs(model_config, batch_size):
-  """Zero image, [CLS] [SEP] expression: the shapes the model is built for."""
-  s, l = model_config.image_size, model_config.max_tokens
-  image = np.zeros((batch_size, s, s, 3), np.float32)
-  input_ids = np.zeros((batch_size, l), np.int32)
-  input_ids[:, 0], input_ids[:, 1] = 101, 102
-  attention_mask = np.zeros((batch_size, l), np.int32)
-  attention_mask[:, :2] = 1
-  return image, input_ids, attention_mask
+    return aligner_lib.from_config(m, dtype)(f_s, f_q)              # eq. 11-14

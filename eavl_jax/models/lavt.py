@@ -175,15 +175,10 @@ class AlignerHead(nn.Module):
     f_v4, f_vg = swin.AttentionPool(num_heads=m.vision_encoder.pool_heads, dtype=dtype,
                                     name='attention_pool')(x4)      # eq. 1
     f_t = layers.Dense(c, dtype=dtype, name='text_proj')(words)      # F_t (B, L, C)
-    g = m.query_generator
-    f_q = query_generator_lib.QueryGenerator(
-        c, m.num_queries, g.use_global_vision, g.scale_word_attention, m.head_norm,
-        m.gates_open_at_init, dtype, name='query_generator')(
-            f_v2, f_v3, f_v4, f_vg, f_t, word_mask, train=train)      # eq. 6-10: F_q (B, N_q, C)
-    a = m.aligner
-    return aligner_lib.Aligner(c, 'aligner', a.use_estimator, a.estimator_heads,
-                               a.kernel_activation, a.feature_activation, a.conv_impl, dtype,
-                               upsample_features=False, name='aligner')(mask_features, f_q)
+    f_q = query_generator_lib.from_config(m, dtype)(
+        f_v2, f_v3, f_v4, f_vg, f_t, word_mask, train=train)          # eq. 6-10: F_q (B, N_q, C)
+    return aligner_lib.from_config(m, dtype, mode='aligner', upsample_features=False)(
+        mask_features, f_q)                                         # eq. 11-14 on F = F_p
 
 
 class LAVT(nn.Module):

@@ -56,3 +56,12 @@ class QueryGenerator(nn.Module):
 
     v = proj(c, 'tv', words)(f_tv)                                  # σ(F_tv W_tv): (B, L, C)
     return jnp.einsum('bnl,blc->bnc', a, v)                         # eq. 10: F_q (B, N_q, C)
+
+
+def from_config(m, dtype, name='query_generator'):
+  """The generator of `config.model` m, its fields by keyword (EAVL and LAVT's aligner head)."""
+  g = m.query_generator
+  return QueryGenerator(hidden_dim=m.hidden_dim, num_queries=m.num_queries,
+                        use_global_vision=g.use_global_vision,
+                        scale_word_attention=g.scale_word_attention, norm=m.head_norm,
+                        gate_open_at_init=m.gates_open_at_init, dtype=dtype, name=name)

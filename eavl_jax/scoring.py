@@ -1,4 +1,4 @@
-"""Evaluation of a model on one split, the single path of the trainer's validation and of
+"""A model scored on one split (`evaluate_split`), the single path of the trainer's validation and of
 `python -m eavl_jax.evaluate`; and the mask overlays of both and of `python -m eavl_jax.predict`.
 
 The metric and what it is computed at follow `config.eval.protocol` (eavl_jax/metrics.py,
@@ -77,7 +77,7 @@ def evaluate_split(config, predict_fn, split, *, mesh, batch_size=None, logits_o
     canvas with logits_on_canvas=True), or the model's dict {'logits', 'masks', 'scores'} (then
     the result also holds metrics.DIVERSITY_KEYS); batch: global arrays sharded over the mesh
     (metrics.eval_keys). For the model: `lambda b: predict(variables, b)` with
-    trainer.make_predict_fn's predict.
+    steps.make_predict_fn's predict.
   batch_size: global eval batch; default config.train.eval_batch_size.
   num_images: > 0 also draws the first batch's first `num_images` predictions (prediction_panels).
   Returns (metrics.summarize's dict (+ DIVERSITY_KEYS), (N, S, 2S, 3) uint8 panels or None).
