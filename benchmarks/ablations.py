@@ -419,8 +419,8 @@ def main(argv):
   if len(argv) > 1:
     _exit_with_error(f'unexpected arguments: {argv[1:]}', 2)
   # The train command's module (its flags, its malloc restart) only when run as a program.
-  from eavl_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.quiet_libraries()
+  from eavl_jax import cli as command_line  # pylint: disable=g-import-not-at-top
+  command_line.quiet_libraries()
   cli(FLAGS.config, FLAGS.workdir, FLAGS.rows, FLAGS.seeds)
 
 
