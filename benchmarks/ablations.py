@@ -36,6 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import common
+from eavl_jax import cli as command_line   # `cli` is this module's own function
 from eavl_jax import config_check
 from eavl_jax import input_pipeline
 from eavl_jax import run_sizes
@@ -76,7 +77,7 @@ IGNORED_CONFIG_KEYS = ('data.data_dir',)   # may move with the workdir; the data
 
 
 class RunIncompleteError(RuntimeError):
-  """train_and_evaluate returned before its last step (preempted: SIGTERM)."""
+  """train_and_evaluate returned before its last step."""
 
 
 def define_flags():
@@ -286,7 +287,7 @@ def run_grid(config, workdir, rows, seeds):
   <workdir>/ablations.json. -> the summary dict (what ablations.json holds).
 
   Raises ValueError (bad rows / seeds / config, or a finished run of another config) before any
-  training; RunIncompleteError when a run was preempted.
+  training; trainer.Preempted when a run was stopped by a signal (its step saved).
   """
   start = time.perf_counter()
   rows, seeds = check_rows(rows), parse_seeds(seeds)
@@ -395,8 +396,9 @@ def format_table(summary):
 
 
 def cli(config, workdir, rows, seeds):
-  """The command: bad input -> one line 'error: ...' and exit 2 before any training; a failed,
-  preempted or refused grid -> 'error: ...' / FAILED lines and exit 1; else exit 0."""
+  """The command: bad input -> one line 'error: ...' and exit 2 before any training; a failed
+  or refused grid -> 'error: ...' / FAILED lines and exit 1; a signal -> the run's step saved and
+  exit trainer.EXIT_PREEMPTED; else exit 0."""
   if config is None or not workdir:
     _exit_with_error('--config and --workdir are required', 2)
   try:
@@ -405,6 +407,9 @@ def cli(config, workdir, rows, seeds):
     _exit_with_error(str(e), 2)
   try:
     summary = run_grid(config, workdir, rows, seeds)
+  except trainer.Preempted as e:   # the same command continues the grid
+    print(f'preempted ({e}); exit code {trainer.EXIT_PREEMPTED}', file=sys.stderr, flush=True)
+    sys.exit(trainer.EXIT_PREEMPTED)
   except (RunIncompleteError, ValueError, KeyError, FileNotFoundError) as e:
     _exit_with_error(str(e), 1)
   sys.exit(1 if summary['failed'] else 0)
@@ -418,8 +423,6 @@ def _exit_with_error(message, code):
 def main(argv):
   if len(argv) > 1:
     _exit_with_error(f'unexpected arguments: {argv[1:]}', 2)
-  # The train command's module (its flags, its malloc restart) only when run as a program.
-  from eavl_jax import cli as command_line  # pylint: disable=g-import-not-at-top
   command_line.quiet_libraries()
   cli(FLAGS.config, FLAGS.workdir, FLAGS.rows, FLAGS.seeds)
 
@@ -427,4 +430,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

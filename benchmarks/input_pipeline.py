@@ -29,8 +29,8 @@ except ImportError:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eavl_jax.data import build  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eavl_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from eavl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS

@@ -5,7 +5,7 @@
       [--config.KEY=VALUE ...]
 
 1. Writes a refer-layout fixture for config.data.dataset (refcoco: `<root>/refcoco/refs(unc).p`,
-   `instances.json`, images `COCO_train2014_<12 digits>.jpg`; the scenes of data_prep/synthetic.py
+   `instances.json`, images `COCO_train2014_<12 digits>.jpg`; the scenes of eavl_jax/data/synthetic.py
    at --image_px²) and builds it into TFDS records with data_prep.build, as a user does.
 2. Trains --steps steps at global batch --batch with `trainer.train_and_evaluate` (the memory
    check, checkpointing, everything a real run does) and validates on data.val_split at the end.
@@ -35,9 +35,9 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from benchmarks import common
-from data_prep import build
-from data_prep import refer
-from data_prep import synthetic
+from eavl_jax.data import build
+from eavl_jax.data import refer
+from eavl_jax.data import synthetic
 from eavl_jax import device_memory
 from eavl_jax import scoring
 from eavl_jax import metrics as metrics_lib

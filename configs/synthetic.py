@@ -1,4 +1,4 @@
-"""The embedded default: the full EAVL on the synthetic referring task (data_prep/synthetic.py),
+"""The embedded default: the full EAVL on the synthetic referring task (eavl_jax/data/synthetic.py),
 generated and built under <workdir>/data on the first run, trained from scratch on the CPU.
 
   python -m eavl_jax.train --config=configs/synthetic.py --workdir=/tmp/eavl_synthetic

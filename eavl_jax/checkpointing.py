@@ -7,6 +7,7 @@ validation mIoU.
 """
 import json
 import os
+import re
 
 from flax import serialization
 import grain.checkpoint as grain_checkpoint
@@ -17,14 +18,11 @@ from orbax.checkpoint import checkpoint_managers
 
 from eavl_jax import train_state
 from eavl_jax import weights
+from eavl_jax import workdir as workdir_lib
 
 STATE, DATA_ITER = 'state', 'data_iter'
 BEST_METRIC = 'mIoU'
 MAX_LISTED = 20  # mismatched entries named in an error
-
-
-def checkpoint_dir(workdir) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
 def make_manager(workdir, train_config=None, *, read_only=False) -> ocp.CheckpointManager:
@@ -40,7 +38,7 @@ def make_manager(workdir, train_config=None, *, read_only=False) -> ocp.Checkpoi
       best_fn=lambda m: m[BEST_METRIC], best_mode='max', read_only=read_only, create=not read_only)
   handlers = {STATE: ocp.PyTreeCheckpointHandler(),
               DATA_ITER: grain_checkpoint.CheckpointHandler()}
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+  return ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
 
 class _IteratorState:
@@ -65,13 +63,43 @@ class _IteratorState:
     pass
 
 
+class SaveError(OSError):
+  """A checkpoint could not be written (a full disk, a folder gone read-only): the run stops."""
+
+
+def _save_failed(manager, step, error):
+  intact = sorted(manager.all_steps())
+  return SaveError(f'saving the checkpoint of step {step} in {manager.directory} failed '
+                   f'({type(error).__name__}: {error}); training stopped. Steps on disk: '
+                   f'{intact or "none"}; free the disk or fix the folder, then run the same '
+                   'command again to resume from the latest')
+
+
 def save(manager, step, state, data_iter, metrics=None):
-  """Starts an asynchronous save of `state` and `data_iter.get_state()` at `step`."""
+  """Starts an asynchronous save of `state` and `data_iter.get_state()` at `step`; SaveError if
+  it, or the save before it, failed."""
   args = ocp.args.Composite(**{
       STATE: ocp.args.PyTreeSave(serialization.to_state_dict(state)),
       DATA_ITER: grain_checkpoint.CheckpointSave(_IteratorState(data_iter.get_state())),
   })
-  manager.save(step, args=args, metrics=metrics, force=True)
+  try:
+    manager.check_for_errors()   # the previous (background) save
+    # Orbax creates the step's folder in a background thread, and its other threads then wait 5
+    # minutes for it: an unwritable folder is found here, at once.
+    workdir_lib.check_writable(str(manager.directory))
+    manager.save(step, args=args, metrics=metrics, force=True)
+  except Exception as e:  # pylint: disable=broad-exception-caught  (orbax raises many kinds)
+    raise _save_failed(manager, step, e) from e
+
+
+def wait_for_saves(manager, step):
+  """Blocks until the saves started are written; SaveError (naming `step`, the last save
+  started) if one failed."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _save_failed(manager, step, e) from e
 
 
 def _flat_shapes(tree):
@@ -99,8 +127,42 @@ def check_compatible(saved_tree, expected_tree, where):
                      f'({len(problems)} mismatched entries):\n' + '\n'.join(listed))
 
 
+class DamagedCheckpointError(ValueError):
+  """A finalised step that cannot be read: disk trouble or a copy gone wrong (Orbax writes a step
+  into a temporary folder and renames it when complete)."""
+
+
+def _damaged(manager, step, error):
+  where = os.path.join(str(manager.directory), str(step))
+  others = sorted(s for s in manager.all_steps() if s != step)
+  way_out = (f': evaluate or predict one with --checkpoint=<step>, or move this folder aside '
+             f'(e.g. to {step}.damaged) and training resumes from {others[-1]}' if others else
+             ', none to fall back to')
+  text = str(error).strip()
+  reason = (text.splitlines()[0].split(' See full TensorStore details')[0][:200] if text
+            else type(error).__name__)
+  array = re.findall(r"'path': '([^'/][^']*)/'", text)   # TensorStore's spec names the array
+  reason += f' (array {array[-1]})' if array else ''
+  return DamagedCheckpointError(
+      f'the checkpoint {where} cannot be read: {reason}. A complete step that fails to read '
+      'means disk trouble or a copy gone wrong; nothing was deleted. Other steps there: '
+      f'{others or "none"}{way_out}.')
+
+
+def _read(manager, step, read):
+  """read() -> its value; any failure of Orbax / TensorStore reading `step` -> DamagedCheckpointError."""
+  try:
+    return read()
+  except (ValueError, FileNotFoundError) as e:
+    if isinstance(e, DamagedCheckpointError) or 'written by another config' in str(e):
+      raise
+    raise _damaged(manager, step, e) from None
+  except Exception as e:  # pylint: disable=broad-exception-caught  (TensorStore, zstd, ...)
+    raise _damaged(manager, step, e) from None
+
+
 def _saved_state_metadata(manager, step):
-  metadata = manager.item_metadata(step)[STATE]
+  metadata = _read(manager, step, lambda: manager.item_metadata(step)[STATE])
   return getattr(metadata, 'tree', metadata)
 
 
@@ -130,7 +192,7 @@ def restore(manager, step, abstract_state, state_shardings, data_iter):
   same_processes = saved_process_count(manager, step) == jax.process_count()
   if same_processes:
     items[DATA_ITER] = grain_checkpoint.CheckpointRestore(_IteratorState())
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = _read(manager, step, lambda: manager.restore(step, args=ocp.args.Composite(**items)))
   if same_processes:
     data_iter.set_state(restored[DATA_ITER].state)
   return serialization.from_state_dict(abstract_state, restored[STATE]), same_processes
@@ -181,6 +243,21 @@ def restore_variables(config, workdir, checkpoint=None, best=False):
   return restore_for_eval(config, ckpt_workdir, step=step, best=best)
 
 
+def check_model_of_step(manager, step, model_config):
+  """ValueError naming the entries when the model of `model_config` has other parameters than the
+  checkpoint of `step` (read from its metadata: no array is loaded, nothing is compiled);
+  -> the model's abstract variables ({'params'[, 'batch_stats']})."""
+  abstract = train_state.abstract_variables(model_config)
+  if not abstract['batch_stats']:
+    del abstract['batch_stats']     # nothing to read (and checkpoints before BatchNorm lack it)
+  where = os.path.join(str(manager.directory), str(step))
+  saved = _saved_state_metadata(manager, step)
+  if not isinstance(saved, dict) or 'params' not in saved:
+    raise ValueError(f'{where} holds no training state with params')
+  check_compatible({k: saved.get(k, {}) for k in abstract}, abstract, where)
+  return abstract
+
+
 def restore_for_eval(config, workdir, step=None, best=False):
   """-> (variables, step): the model's variables ({'params', 'batch_stats'}) of a training run's
   checkpoint, replicated on all devices. Default: the latest step; `best=True`: the best validation
@@ -189,20 +266,13 @@ def restore_for_eval(config, workdir, step=None, best=False):
   """
   manager = make_manager(workdir, read_only=True)
   step = select_step(manager, step, best)
-  abstract = train_state.abstract_variables(weights.with_checkpoint_text_sizes(config.model))
-  if not abstract['batch_stats']:
-    del abstract['batch_stats']     # nothing to read (and checkpoints before BatchNorm lack it)
-  where = os.path.join(str(manager.directory), str(step))
-  saved = _saved_state_metadata(manager, step)
-  if not isinstance(saved, dict) or 'params' not in saved:
-    raise ValueError(f'{where} holds no training state with params')
-  check_compatible({k: saved.get(k, {}) for k in abstract}, abstract, where)
+  abstract = check_model_of_step(manager, step, weights.with_checkpoint_text_sizes(config.model))
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.array(jax.devices()), ('data',)), jax.sharding.PartitionSpec())
   target = _restore_targets(abstract, jax.tree.map(lambda _: replicated, abstract))
-  restored = manager.restore(step, args=ocp.args.Composite(**{
+  restored = _read(manager, step, lambda: manager.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
-                                    partial_restore=True)}))
+                                    partial_restore=True)})))
   manager.close()
   return {'params': restored[STATE]['params'],
           'batch_stats': restored[STATE].get('batch_stats', {})}, step

@@ -1,10 +1,14 @@
 """The flags and log settings the command-line programs share (train, evaluate, predict,
 model_info, convert, and the benchmark and tool scripts). Each program defines its flags only
 when run as a program, so that importing it adds none."""
+import difflib
 import os
+import runpy
+import sys
 
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 
@@ -24,9 +28,48 @@ def define_checkpoint_flags(workdir_help):
 
 def quiet_libraries():
   """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
-  ours = (os.sep + 'eavl_jax' + os.sep, os.sep + 'data_prep' + os.sep)
+  ours = (os.sep + 'eavl_jax' + os.sep,)
   noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
   logging.get_absl_handler().addFilter(
       lambda r: (r.levelno >= logging.converter.STANDARD_WARNING
                  and not any(n in str(r.msg) for n in noise))
       or any(p in r.pathname for p in ours))
+
+
+def unknown_config_key(argv):
+  """-> one line naming the first `--config.<path>=v` of `argv` whose path is not a key of the
+  config file that `--config=` names, with the closest known keys; None when every path exists."""
+  config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_file is None:
+    return None
+  config = runpy.run_path(config_file.split(':')[0])['get_config']()
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node = config
+    for depth, key in enumerate(path):
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if key not in known:
+        where = '.'.join(['config'] + path[:depth])
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = (f'did you mean {", ".join(close)}?' if close
+                else f'its keys: {", ".join(sorted(known))}' if known
+                else f'{where} is a value, not a group')
+        return f'--config.{".".join(path)}: {where} has no key {key!r} ({hint})'
+      node = node[key]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, for `app.run(main, flags_parser=cli.parse_flags)`: a `--config.` override
+  that names no key of the config is one `error:` line (exit 2) instead of ml_collections'
+  traceback. Other flag errors go to absl as before (its usage message)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError):
+    message = unknown_config_key(argv)
+    if message is None:
+      raise
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -6,9 +6,10 @@ Every entry point (train, evaluate, predict, model_info, convert, benchmarks.abl
 `validate(config, training=True)` also refuses an encoder that would start from random weights
 without the config saying so (`check_pretrained`).
 """
+import os
 import re
 
-from data_prep import refer
+from eavl_jax.data import refer
 from eavl_jax import hub
 from eavl_jax import losses
 from eavl_jax import metrics
@@ -17,6 +18,8 @@ from eavl_jax import run_sizes
 from eavl_jax import sharding
 from eavl_jax.models import builder
 from eavl_jax.weights import bert as bert_weights
+from eavl_jax.weights import files as weight_files
+from eavl_jax.weights import swin as swin_weights
 
 SENTENCES = ('random', 'all')            # data.sentences
 TARGET_RESIZES = ('nearest', 'area')     # loss.target_resize
@@ -172,6 +175,31 @@ def check_pretrained(config):
   if unset:
     raise ValueError('; '.join(unset) + f"; or to {hub.SCRATCH!r} to train from random weights on "
                      'purpose (docs/weights.md)')
+  check_checkpoint_files(config)
+
+
+def looks_like_a_path(spec):
+  """A `pretrained` value that names a file or folder rather than a hub id or package."""
+  return spec.startswith(('/', '.', '~')) or spec.endswith(('.pth', '.pt', '.bin', '.safetensors',
+                                                            '.msgpack'))
+
+
+def check_checkpoint_files(config):
+  """Each checkpoint path of the config exists and starts as its format does (a few bytes read):
+  a missing or wrong file is one line before the compile, not an error after it."""
+  m = config.model
+  files = {'model.vision_encoder.pretrained': m.vision_encoder.pretrained}
+  if m.name == 'lavt':
+    files['model.lavt.pretrained'] = m.lavt.pretrained
+  for key, spec in files.items():
+    if not hub.names_checkpoint(spec) or not (os.path.exists(spec) or looks_like_a_path(spec)):
+      continue   # a hub id: resolved (and checked) where it is loaded
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path):
+      raise ValueError(f'{key}={spec!r}: no such file or folder')
+    if key == 'model.vision_encoder.pretrained':
+      path = swin_weights.checkpoint_file(path)
+    weight_files.check_header(path, key)
 
 
 def validate(config, *, training=False):

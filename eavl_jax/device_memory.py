@@ -13,6 +13,7 @@ are compiled too, to name the smallest one that fits. From factor 2 on, the byte
 micro-batch shrinks (activations) on top of a constant cost (optax.MultiSteps keeps a
 parameter-sized gradient sum), so a binary search over the factors finds it with few compiles.
 """
+import math
 import os
 import time
 
@@ -149,6 +150,12 @@ def compile_train_step(config, lower, batch_devices):
                'none' if limit is None else readable_bytes(limit), source)
   if not need or limit is None or need['needed'] <= limit:
     return compiled
+  candidates = accum_candidates(config, batch_devices)
+  logging.warning(
+      'the train step needs %s per device, the device has %s (%s): searching the smallest '
+      'optim.grad_accum_steps that fits among %s, at most %d more compile(s) of about %.0f s '
+      'each', readable_bytes(need['needed']), readable_bytes(limit), source, candidates,
+      math.ceil(math.log2(len(candidates) + 1)), time.perf_counter() - start)
   fit, needed = smallest_fitting_accum(config, lower, limit, batch_devices)
   raise DeviceMemoryError(too_big_message(config, need, limit, source, fit, needed,
                                           batch_devices))

@@ -2,7 +2,7 @@
 `error: ...` on stderr instead of a traceback."""
 
 
-def error_message(e, limit=600):
+def error_message(e, limit=1000):
   """'error: <message>' on one line (a multi-line message's lines joined by '; '), cut to `limit`
   characters."""
   text = ''

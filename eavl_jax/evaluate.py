@@ -38,6 +38,7 @@ from eavl_jax import sharding
 from eavl_jax import steps
 from eavl_jax import synthetic_task
 from eavl_jax import weights
+from eavl_jax import workdir as workdir_lib
 from eavl_jax.models import builder
 from eavl_jax.weights import lavt as lavt_weights
 
@@ -159,7 +160,7 @@ def json_path(workdir, record):
   of the absolute data_dir. Another data set, data_dir or protocol never shares a file."""
   digest = hashlib.sha256(os.path.abspath(record['data_dir']).encode()).hexdigest()[:8]
   name = f'{record["step"]}.{record["dataset"]}.{record["protocol"]}.{digest}.json'
-  return os.path.join(workdir, 'eval', name)
+  return os.path.join(workdir_lib.eval_dir(workdir), name)
 
 
 def read_splits(path, record):
@@ -227,8 +228,8 @@ def warn_if_not_lavts_records(scoring):
 
 def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size=None,
         released=False):
-  """Restores (or, released=True, reads model.lavt.pretrained), evaluates every split, writes the
-  JSON (process 0) -> (step, results, json path)."""
+  """Restores (or, released=True, reads model.lavt.pretrained), evaluates every split, prints the
+  tables and then writes the JSON (process 0) -> (step, results, json path)."""
   workdir = os.path.abspath(workdir)
   config_check.validate(config)   # every key, before the data are read or generated
   if released and (checkpoint is not None or best):
@@ -236,6 +237,8 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
                      '--best, not both')
   if released:
     check_released(config)   # before the data are read or generated
+  if jax.process_index() == 0:   # where the results go, before the evaluation
+    workdir_lib.check_writable(workdir_lib.eval_dir(workdir))
   config = synthetic_task.prepare(config, workdir)   # synthetic: the records under workdir/data
   splits = list(splits or config.data.eval_splits)
   if not splits:
@@ -258,8 +261,14 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
       builder.build_model(weights.with_checkpoint_text_sizes(config.model)))
   results = evaluate_splits(config, lambda batch: predict(variables, batch), splits, mesh=mesh,
                             batch_size=batch_size)
-  if jax.process_index() == 0:
-    write_json(path, record, results)
+  if jax.process_index() == 0:   # the tables first: a failed write loses nothing
+    print(format_tables(config.data.dataset, step, results, scoring.describe_protocol(config),
+                        config.model.name), flush=True)
+    try:
+      write_json(path, record, results)
+    except OSError as e:
+      raise ValueError(f'{path}: the results could not be written ({e.strerror or e}); the '
+                       'tables above hold them') from None
   return step, results, path
 
 
@@ -277,12 +286,11 @@ def main(argv):
                               released=FLAGS.released)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(errors.error_message(e))
+  del step, results   # printed by run
   if jax.process_index() == 0:
-    print(format_tables(config.data.dataset, step, results, scoring.describe_protocol(config),
-                        config.model.name))
     print(f'\nwritten: {path}')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,4 +1,4 @@
-"""Input pipeline: grain over the `eavl_refer` TFDS ArrayRecord records (data_prep/refer_tfds.py).
+"""Input pipeline: grain over the `eavl_refer` TFDS ArrayRecord records (eavl_jax/data/refer_tfds.py).
 
 Train batches (numpy, per host):
   image           float32 (B, S, S, 3)  ImageNet mean/std normalised, S = model.image_size
@@ -35,7 +35,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from data_prep import refer_tfds
+from eavl_jax.data import refer_tfds
 from eavl_jax import hub
 
 MEAN_RGB = np.asarray([0.485, 0.456, 0.406], np.float32) * 255.0
@@ -91,7 +91,33 @@ def _records(config, split):
   if len(source) != len(sentences):
     raise ValueError(f'{builder.data_dir}: {len(source)} records in {split} but metadata lists '
                      f'{len(sentences)}: rebuild the data set')
+  _check_shards(config, builder, split, source)
   return source, sentences
+
+
+_READABLE_SHARDS = set()   # (data_dir, split) whose shards opened once in this process
+
+
+def _check_shards(config, builder, split, source):
+  """Reads the first record of every shard of `split` (opening each file: a file cut short or
+  damaged fails here, in seconds, not after the compile); ValueError naming the split, the file
+  and how to rebuild it."""
+  if (builder.data_dir, split) in _READABLE_SHARDS:
+    return
+  info = builder.info.splits[split]
+  start = 0
+  for path, length in zip(info.filepaths, info.shard_lengths):
+    try:
+      if length:
+        source[start]
+    except Exception as e:  # pylint: disable=broad-exception-caught  (Riegeli's RuntimeError, ...)
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f'split {split!r}: the record file {path} cannot be read ({reason[:200]}): '
+                       'it is damaged or cut short; rebuild the records with python -m '
+                       f'data_prep.build --dataset={config.data.dataset} '
+                       f'--data_dir={config.data.data_dir} --overwrite ...') from None
+    start += length
+  _READABLE_SHARDS.add((builder.data_dir, split))
 
 
 def num_examples(config, split: str) -> int:
@@ -243,15 +269,23 @@ class Tokenize:
   def __getstate__(self):      # loaded again in each worker process
     return {**self.__dict__, '_tokenizer': None, '_cache': {}}
 
-  def __call__(self, text: str):
-    cached = self._cache.get(text)
-    if cached is not None:
-      return cached
+  def _load(self):
     if self._tokenizer is None:
       key = (self._text_config.tokenizer, self._text_config.pretrained)
       if key not in _TOKENIZERS:
         _TOKENIZERS[key] = hub.load_tokenizer(self._text_config)
       self._tokenizer = _TOKENIZERS[key]
+    return self._tokenizer
+
+  def dropped(self, text: str) -> int:
+    """How many tokens of `text` ([CLS] and [SEP] counted) the cut to max_tokens drops."""
+    return max(0, len(self._load().encode(text, add_special_tokens=True)) - self._max_tokens)
+
+  def __call__(self, text: str):
+    cached = self._cache.get(text)
+    if cached is not None:
+      return cached
+    self._load()
     if self._rule == 'lavt':
       ids = lavt_token_ids(self._tokenizer, text, self._max_tokens)
     else:
@@ -405,7 +439,7 @@ def eval_rules(config):
 
 def records_metadata(config):
   """What the records were built with that changes the pixels: {'resize_to' (0: the JPEG as is),
-  'mask_rule'} (data_prep; absent from older builds: 0 and 'union')."""
+  'mask_rule'} (data_prep.build; absent from older builds: 0 and 'union')."""
   metadata = _builder(config).info.metadata
   return {'resize_to': int(metadata.get('resize_to', 0)),
           'mask_rule': str(metadata.get('mask_rule', 'union'))}

@@ -61,32 +61,37 @@ def load_image(path, size):
     with Image.open(io.BytesIO(data)) as im:
       rgb = np.asarray(im.convert('RGB'))
     image = input_pipeline.decode_image(data, size)
-  except OSError as e:  # missing file, not an image, truncated data (PIL raises OSError kinds)
-    raise ValueError(f'cannot read the image {path!r}: {e}') from e
+  except (OSError, Image.DecompressionBombError) as e:
+    # missing file, not an image, truncated data (PIL's OSError kinds); or more pixels than PIL
+    # decodes (Image.MAX_IMAGE_PIXELS), which a resize of the file first avoids
+    raise ValueError(f'cannot read the image {path!r}: {e}') from None
   return image[None], rgb
 
 
 def tokenize(config, text):
-  """-> input_ids, attention_mask (1, L) int32, truncated to model.max_tokens like training."""
+  """-> input_ids, attention_mask (1, L) int32, truncated to model.max_tokens like training; and
+  how many tokens that cut dropped."""
   if text is None or not text.strip():
     raise ValueError(f'the expression --text={text!r} is empty')
-  input_ids, attention_mask = input_pipeline.Tokenize(config.model.text_encoder,
-                                                      config.model.max_tokens)(text)
-  return input_ids[None], attention_mask[None]
+  tokenizer = input_pipeline.Tokenize(config.model.text_encoder, config.model.max_tokens)
+  input_ids, attention_mask = tokenizer(text)
+  return input_ids[None], attention_mask[None], tokenizer.dropped(text)
 
 
 def predict(config, variables, image_path, text):
   """-> dict: 'rgb' (H, W, 3) uint8, 'logits' (H, W) float32 at the original size, 'mask' (H, W)
-  bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,)."""
+  bool, 'query_logits' (N_q, h, w) at 1/4 of the input, 'scores' (N_q,), 'tokens_dropped': how
+  many tokens of `text` the cut to model.max_tokens left out."""
   image, rgb = load_image(image_path, config.model.image_size)
-  input_ids, attention_mask = tokenize(config, text)
+  input_ids, attention_mask, dropped = tokenize(config, text)
   model = builder.build_model(weights.with_checkpoint_text_sizes(config.model))
   out = jax.jit(lambda v, *x: model.apply(v, *x, train=False))(
       variables, image, input_ids, attention_mask)
   h, w = rgb.shape[:2]
   logits = np.asarray(losses.upsample_logits(out['logits'][0], h, w))   # (H, W)
   return {'rgb': rgb, 'logits': logits, 'mask': logits > 0,
-          'query_logits': np.asarray(out['masks'][0]), 'scores': np.asarray(out['scores'][0])}
+          'query_logits': np.asarray(out['masks'][0]), 'scores': np.asarray(out['scores'][0]),
+          'tokens_dropped': dropped}
 
 
 def dimmed_grey(rgb):
@@ -191,6 +196,9 @@ def main(argv):
                           best=FLAGS.best)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(errors.error_message(e))
+  if result['tokens_dropped']:
+    print(f'note: the expression is longer than model.max_tokens={FLAGS.config.model.max_tokens} '
+          f'tokens: its last {result["tokens_dropped"]} token(s) were cut, as in training')
   print(f'checkpoint step {result["step"]}: foreground {result["mask"].mean():.1%} of the image')
   if FLAGS.per_query:
     order = np.argsort(-result['scores'])
@@ -201,4 +209,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

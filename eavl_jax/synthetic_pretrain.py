@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from data_prep import refer
+from eavl_jax.data import refer
 from eavl_jax import input_pipeline
 from eavl_jax.models import layers
 from eavl_jax.models import swin

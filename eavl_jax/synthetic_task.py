@@ -13,8 +13,8 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
-from data_prep import build
-from data_prep import synthetic
+from eavl_jax.data import build
+from eavl_jax.data import synthetic
 from eavl_jax import synthetic_pretrain
 
 
@@ -34,7 +34,7 @@ def prepare(config, workdir):
     counts = synthetic.generate(os.path.join(root, 'raw'), n, config.seed)
     logging.info('synthetic refs per split: %s', counts)
     build.build('synthetic', os.path.join(root, 'raw'), os.path.join(root, 'raw', 'images'),
-                data_dir, log=logging.info)
+                data_dir, log=logging.info, overwrite=True)   # a build cut before `done`
     with open(done, 'w') as f:
       json.dump(wanted, f)
   if jax.process_count() > 1:

@@ -2,7 +2,8 @@
 
   python -m eavl_jax.train --config=configs/refcoco.py --workdir=DIR [--config.optim.learning_rate=1e-4]
 
-Restarting with the same workdir resumes from its latest checkpoint. Multi-host: see
+Restarting with the same workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C saves the
+current step and exits with code 75 (trainer.EXIT_PREEMPTED); a finished run exits 0, a failed one 1. Multi-host: see
 eavl_jax/distributed.py and launch/ (docs/distributed.md).
 """
 import os
@@ -39,7 +40,9 @@ def run(config, workdir):
   from eavl_jax import config_check
   from eavl_jax import synthetic_task
   from eavl_jax import trainer
+  from eavl_jax import workdir as workdir_lib
   config_check.validate(config, training=True)   # every key, before the data are generated
+  workdir_lib.prepare(workdir, main_process=jax.process_index() == 0)   # writable, ours alone
   config = synthetic_task.prepare(config, os.path.abspath(workdir))
   return trainer.train_and_evaluate(config, workdir)
 
@@ -56,10 +59,21 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   # After the malloc restart and jax.distributed: the model code loads once, in the final process.
+  from eavl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from eavl_jax import trainer  # pylint: disable=g-import-not-at-top
   try:
     run(FLAGS.config, FLAGS.workdir)
-  except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+  except trainer.Preempted as e:
+    logging.warning('preempted (%s): saved step %d to %s; exiting with %d', e.signal_name, e.step,
+                    e.directory, trainer.EXIT_PREEMPTED)
+    print(f'preempted ({e.signal_name}): checkpoint of step {e.step} saved in {e.directory}; '
+          f'exit code {trainer.EXIT_PREEMPTED}: run the same command again to resume', flush=True)
+    sys.exit(trainer.EXIT_PREEMPTED)
+  except KeyboardInterrupt:   # before the loop, or a second Ctrl-C during it
+    print('error: interrupted (Ctrl-C) before the current step was saved; the checkpoints '
+          'already in the workdir are kept', file=sys.stderr, flush=True)
+    sys.exit(130)
+  except (trainer.NonFiniteLossError, checkpointing.SaveError, ValueError, FileNotFoundError) as e:
     # Bad config / data / checkpoint: the message names the field, file or entries.
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
@@ -68,4 +82,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,5 +1,5 @@
 """The training loop: restore or create the state, train, validate and checkpoint on the
-config's intervals, resume exactly; SIGTERM saves and stops.
+config's intervals, resume exactly; SIGTERM or SIGINT saves and stops (`Preempted`).
 
 The commands prepare the data first (eavl_jax/synthetic_task.py for the synthetic task); the
 run's sizes come from eavl_jax/run_sizes.py, the step from eavl_jax/steps.py and what is printed
@@ -29,6 +29,7 @@ from eavl_jax import sharding as sharding_lib
 from eavl_jax import steps
 from eavl_jax import train_state as train_state_lib
 from eavl_jax import weights
+from eavl_jax import workdir as workdir_lib
 from eavl_jax.models import builder
 
 
@@ -36,30 +37,52 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+# A run stopped by SIGTERM or SIGINT after its checkpoint was saved exits with this code (sysexits'
+# EX_TEMPFAIL: run the same command again); launch/ requeues on it (docs/training.md).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """The loop stopped on a signal after saving `step` in `directory`; the same command resumes."""
+
+  def __init__(self, signal_name, step, directory):
+    super().__init__(f'{signal_name}: checkpoint of step {step} saved in {directory}; run the same '
+                     'command again to resume from it')
+    self.signal_name, self.step, self.directory = signal_name, step, directory
+
+
 class _Preemption:
-  """SIGTERM -> stop at the next step (single process); multi-host: JAX's preemption sync point."""
+  """SIGTERM or SIGINT (Ctrl-C) -> save and stop after the current step (single process; a second
+  Ctrl-C interrupts at once). Multi-host: JAX's preemption sync point (SIGTERM)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.received = None   # the name of the signal that asked to stop
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # the second Ctrl-C: stop now, without waiting for the save
+    self.received = signal.Signals(signum).name
 
   def reached(self, step):
     if jax.process_count() > 1:
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        reached = multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # preemption service not running
         return False
-    return self.requested
+      if reached:
+        self.received = self.received or 'SIGTERM'
+      return reached
+    return self.received is not None
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 # ------------------------------------------------------------------ the loop
@@ -139,7 +162,18 @@ def train_and_evaluate(config, workdir):
   through synthetic_task.prepare (the train command calls it)."""
   workdir = os.path.abspath(workdir)
   config_check.validate(config, training=True)   # every key, before any slow work
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.prepare(workdir, main_process=jax.process_index() == 0)   # writable, ours alone
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    workdir_lib.release(workdir)
+
+
+def _train_and_evaluate(config, workdir):
+  manager = checkpointing.make_manager(workdir, config.train)
+  latest = manager.latest_step()
+  if latest is not None:   # another model config is refused before the compile, config.json kept
+    checkpointing.check_model_of_step(manager, latest, weights.with_checkpoint_text_sizes(config.model))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -157,15 +191,14 @@ def train_and_evaluate(config, workdir):
 
   # Compiled before any slow work, and held against each device's memory (one line if too big).
   train_step = device_memory.compile_train_step(config, lower, mesh.size)
-  manager = checkpointing.make_manager(workdir, config.train)
   state, train_iter = restore_or_create(config, model, optimizer[0], mesh, manager, sizes)
   return train_loop(config, workdir, model, mesh, manager, state, train_iter, train_step, sizes)
 
 
 def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_step, sizes):
   """Steps from the state's step to the last one, validating and checkpointing on the config's
-  intervals, saving and returning early on SIGTERM; closes the manager; -> the last validation
-  metrics (None with evaluation off)."""
+  intervals; on SIGTERM / SIGINT saves the current step and raises Preempted; closes the manager;
+  -> the last validation metrics (None with evaluation off)."""
   tr = config.train
   total_steps = sizes.total_steps
   main = jax.process_index() == 0
@@ -203,12 +236,10 @@ def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_s
       if save_now:
         checkpointing.save(manager, step, state, train_iter, metrics=eval_metrics)
       if preempted:
-        manager.wait_until_finished()
-        bar.close()
-        logging.warning('preempted (SIGTERM): saved step %d to %s; exiting', step,
-                        manager.directory)
-        print(f'preempted: checkpoint of step {step} saved in {manager.directory}', flush=True)
-        return result
+        checkpointing.wait_for_saves(manager, step)
+        if jax.process_count() > 1:   # every process's part of the step is written
+          multihost_utils.sync_global_devices(f'preempted at step {step}')
+        raise Preempted(preemption.received, step, manager.directory)
     _flush(pending, writer, bar)
     bar.close()
     if evaluating and last_eval is None:   # resumed at the end: evaluate what is there
@@ -216,7 +247,7 @@ def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_s
       result, _ = scoring.evaluate_split(config, lambda b: predict(variables, b),
                                             config.data.val_split, mesh=mesh)
       last_eval = start
-    manager.wait_until_finished()
+    checkpointing.wait_for_saves(manager, total_steps)
   finally:
     bar.close()   # before any error message: the bar's line ends here
     preemption.close()

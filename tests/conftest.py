@@ -21,8 +21,8 @@ import types
 
 import pytest
 
-from data_prep import build
-from data_prep import synthetic
+from eavl_jax.data import build
+from eavl_jax.data import synthetic
 
 # The files that take longest on a cold clean clone (`pytest --durations=45`), longest first:
 # they start first, so that `-n 2 --dist loadfile` does not end with one worker alone on one of
@@ -86,3 +86,15 @@ def tiny_trained(synthetic_records, tmp_path_factory):
   trainer.train_and_evaluate(config(), workdir)
   return types.SimpleNamespace(workdir=workdir, steps=TINY_TRAIN_STEPS,
                                eval_max_size=TINY_EVAL_MAX_SIZE, config=config)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+  """A folder this process cannot write into: one without write permission for a user; for root,
+  who writes anywhere the permissions say no, /sys/kernel (sysfs refuses new files)."""
+  if os.geteuid() == 0:
+    return '/sys/kernel'
+  folder = tmp_path / 'read_only'
+  folder.mkdir()
+  folder.chmod(0o555)
+  return str(folder)

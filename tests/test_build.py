@@ -13,8 +13,8 @@ from PIL import Image
 from pycocotools import coco as coco_api
 import pytest
 
-from data_prep import build
-from data_prep import refer_tfds
+from eavl_jax.data import build
+from eavl_jax.data import refer_tfds
 from eavl_jax import input_pipeline
 from configs import tiny
 
@@ -92,7 +92,7 @@ def test_build_and_read_without_tensorflow(synthetic_raw, tmp_path):
   """A fresh process builds the records and reads them back without ever importing TensorFlow."""
   code = f"""
 import sys
-from data_prep import build, refer_tfds
+from eavl_jax.data import build, refer_tfds
 build.build('synthetic', {synthetic_raw!r}, {synthetic_raw!r} + '/images', {str(tmp_path)!r},
             log=lambda *a: None)
 ex = refer_tfds.EavlRefer(config='synthetic', data_dir={str(tmp_path)!r}).as_data_source('train')[0]
@@ -296,7 +296,7 @@ def lavt_get_mask(ann, image):
 def test_mask_rule_lavt_stores_lavts_masks(synthetic_raw, tmp_path):
   """--mask_rule=lavt: where two polygons of an annotation overlap, LAVT's mask is background
   (its `ref_mask == 1`); the default union keeps the pixels. The rule is in the metadata."""
-  from data_prep import refer  # pylint: disable=g-import-not-at-top
+  from eavl_jax.data import refer  # pylint: disable=g-import-not-at-top
   raw = _copy(synthetic_raw, tmp_path)
   refs, coco = _source(raw)
   path = os.path.join(raw, 'synthetic', 'instances.json')
@@ -324,3 +324,51 @@ def test_mask_rule_lavt_stores_lavts_masks(synthetic_raw, tmp_path):
   np.testing.assert_array_equal(input_pipeline.decode_mask(ex['mask']), want)
   with pytest.raises(ValueError, match='mask_rule'):
     _build(raw, tmp_path / 'bad', mask_rule='cris')
+
+
+def test_a_data_dir_that_holds_the_data_set_is_refused_unless_overwrite(synthetic_raw, tmp_path):
+  """The issue's case: new refer files built into a data_dir that already holds the data set.
+  Refused in one line, the records untouched; --overwrite rebuilds, and the printed counts are
+  those of the new records on disk."""
+  raw = _copy(synthetic_raw, tmp_path)
+  data_dir = tmp_path / 'records'
+  first = _build(raw, data_dir)
+  _edit_refs(raw, lambda refs: refs.remove(next(r for r in refs if r['split'] == 'val')))
+  command = [sys.executable, '-m', 'data_prep.build', '--dataset=synthetic', f'--refer_root={raw}',
+             f'--images={raw}/images', f'--data_dir={data_dir}']
+  cwd = os.path.dirname(os.path.dirname(__file__))
+  out = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert out.returncode == 1 and len(errors) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert 'already holds the records of synthetic' in errors[0] and '--overwrite' in errors[0]
+  assert build.counts_on_disk('synthetic', str(data_dir))['val'] == first['val']
+
+  out = subprocess.run(command + ['--overwrite'], capture_output=True, text=True, cwd=cwd,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  on_disk = build.counts_on_disk('synthetic', str(data_dir))
+  assert on_disk['val']['refs'] == first['val']['refs'] - 1
+  printed = [line.split() for line in (out.stdout + out.stderr).splitlines()
+             if line.startswith('val ')]
+  assert printed == [['val', str(on_disk['val']['refs']), str(on_disk['val']['sentences'])]]
+
+
+def test_an_empty_refs_list_or_instances_file_is_one_line_naming_the_file(synthetic_raw, tmp_path):
+  empty_refs = _copy(synthetic_raw, tmp_path / 'a')
+  _edit_refs(empty_refs, lambda refs: refs.clear())
+  empty_instances = _copy(synthetic_raw, tmp_path / 'b')
+  open(os.path.join(empty_instances, 'synthetic', 'instances.json'), 'w').close()
+  cases = {empty_refs: os.path.join(empty_refs, 'synthetic', 'refs(unc).p') +
+                       ': the list of refs is empty',
+           empty_instances: os.path.join(empty_instances, 'synthetic', 'instances.json') +
+                            ': not readable JSON'}
+  procs = {raw: subprocess.Popen(
+      [sys.executable, '-m', 'data_prep.build', '--dataset=synthetic', f'--refer_root={raw}',
+       f'--images={raw}/images', f'--data_dir={tmp_path}/records'], text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
+           for raw in cases}
+  for raw, proc in procs.items():
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert proc.returncode == 1 and len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+    assert errors[0].startswith('error: ' + cases[raw]), errors[0]

@@ -70,7 +70,12 @@ def test_a_step_too_big_stops_before_training_with_one_line(needs, synthetic_rec
   assert '--config.optim.grad_accum_steps=4 (measured' in line, line
   for switch in ('more devices', '--config.model.remat=True', '--config.model.dtype=bfloat16'):
     assert switch in line, line
-  assert sorted(os.listdir(workdir)) == ['config.json']   # no checkpoint, no metrics: no step ran
+  searching = [l for l in out.stderr.splitlines() if 'searching the smallest' in l]
+  assert len(searching) == 1 and 'at most 2 more compile(s)' in searching[0], out.stderr[-3000:]
+  assert out.stderr.index('searching the smallest') < out.stderr.index('error:')
+  # no checkpoint, no metrics: no step ran
+  assert sorted(os.listdir(workdir)) == ['.lock', 'checkpoints', 'config.json']
+  assert os.listdir(workdir / 'checkpoints') == []
 
 
 def test_the_named_accumulation_fits_and_trains(needs, synthetic_records, tmp_path):

@@ -89,3 +89,42 @@ def test_local_two_processes_then_one_process_resumes(synthetic_records, tmp_pat
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == [1, 2, 3, 4]
+
+
+def fake_commands(tmp_path, **scripts):
+  """A PATH whose `name` runs `body` (bash), and where each call is appended to calls.log."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for name, body in scripts.items():
+    (bin_dir / name).write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> {tmp_path}/calls.log\n'
+                                f'{body}\n')
+    (bin_dir / name).chmod(0o755)
+  return dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='4242')
+
+
+@pytest.mark.parametrize('srun_status,requeued,status', [(75, True, 0), (0, False, 0),
+                                                          (1, False, 1)])
+def test_slurm_requeues_a_job_preempted_after_saving(srun_status, requeued, status, tmp_path):
+  """The job's tasks exit 75 (trainer.EXIT_PREEMPTED) -> `scontrol requeue`; 0 or a failure ->
+  no requeue, the status passed on."""
+  env = fake_commands(tmp_path, srun=f'exit {srun_status}', scontrol='exit 0')
+  proc = run('bash', 'launch/slurm_gpu.sbatch', '--', *JOB, env=env)
+  assert proc.returncode == status, proc.stderr
+  calls = (tmp_path / 'calls.log').read_text().splitlines()
+  assert calls[0].startswith('srun --nodes=1 ')
+  assert (calls[1:] == ['scontrol requeue 4242']) == requeued, calls
+
+
+def test_tpu_pod_retries_while_preempted(tmp_path):
+  """--retries=2: the job exits 75 twice then 0 -> three runs, exit 0; --retries=1 -> two runs,
+  exit 75 (the caller sees that it stopped preempted)."""
+  counter = tmp_path / 'runs'
+  body = (f'n=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo $n > {counter}; '
+          '[[ $n -le 2 ]] && exit 75; exit 0')
+  env = fake_commands(tmp_path, gcloud=body)
+  proc = run('bash', 'launch/tpu_pod.sh', '--tpu=t', '--zone=z', '--retries=2', '--', *JOB, env=env)
+  assert proc.returncode == 0 and counter.read_text().strip() == '3', proc.stderr
+  counter.unlink()
+  proc = run('bash', 'launch/tpu_pod.sh', '--tpu=t', '--zone=z', '--retries=1', '--', *JOB, env=env)
+  assert proc.returncode == 75 and counter.read_text().strip() == '2', proc.stderr
+  assert 'retry 1 of 1' in proc.stderr

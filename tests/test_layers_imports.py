@@ -1,19 +1,22 @@
-"""The layers: eavl_jax/ (the library) and data_prep/ (the data layer) import nothing above them,
-neither the research scripts of tools/ nor a command-line module, and all of them import without
-tools/."""
+"""The library (eavl_jax/, its data layer eavl_jax/data/ included) imports nothing above it: neither
+the research scripts of tools/, nor a command-line module, nor the data commands of data_prep/, nor
+configs/; it imports without tools/; and it is all that `pip install .` installs."""
 import ast
 import os
 import subprocess
 import sys
+import tomllib
+
+import setuptools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ('eavl_jax', 'data_prep')
-ABOVE = ('tools', 'eavl_jax.train', 'eavl_jax.evaluate', 'eavl_jax.predict', 'eavl_jax.model_info',
+LAYERS = ('eavl_jax',)
+ABOVE = ('tools', 'data_prep', 'configs', 'eavl_jax.train', 'eavl_jax.evaluate', 'eavl_jax.predict', 'eavl_jax.model_info',
          'eavl_jax.convert')
 
 
 def layer_modules():
-  """-> [(dotted module name, file path)] of every .py file under eavl_jax/ and data_prep/."""
+  """-> [(dotted module name, file path)] of every .py file under eavl_jax/."""
   found = []
   for package in LAYERS:
     for folder, dirs, files in os.walk(os.path.join(ROOT, package)):
@@ -64,7 +67,7 @@ def test_imported_modules_reads_every_form_of_import(tmp_path):
 def test_no_module_of_the_layers_imports_tools_or_a_command_line_module():
   modules = layer_modules()
   assert {'eavl_jax.trainer', 'eavl_jax.models.eavl', 'eavl_jax.weights',
-          'data_prep.synthetic'} <= {m for m, _ in modules}
+          'eavl_jax.data.synthetic'} <= {m for m, _ in modules}
   upward = [f'{os.path.relpath(path, ROOT)}:{line} imports {name}'
             for module, path in modules for line, name in imported_modules(module, path)
             if is_above(name)]
@@ -96,3 +99,13 @@ def test_every_module_of_the_layers_imports_without_tools():
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'imported' in out.stdout
+
+
+def test_install_holds_the_library_only():
+  """pyproject's package list: eavl_jax and its subpackages, not the generic names of the clone's
+  top-level folders (configs, data_prep, tools, benchmarks, tests) in a user's site-packages."""
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+  packages = setuptools.find_packages(ROOT, include=find['include'])
+  assert {'eavl_jax', 'eavl_jax.data', 'eavl_jax.models', 'eavl_jax.weights'} <= set(packages)
+  assert [p for p in packages if p.split('.')[0] != 'eavl_jax'] == []

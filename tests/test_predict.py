@@ -41,13 +41,17 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
   # The command line (checkpoint given as a step folder) must write the same two images.
   cli_out = str(tmp_path / 'cli.png')
   step_dir = os.path.join(tiny_trained.workdir, 'checkpoints', str(tiny_trained.steps))
+  # Longer than model.max_tokens: cut as in training, and said so.
+  text = 'the red circle' + ' left of the small blue square' * 4
   cli = start_cli(f'--workdir={tmp_path}', f'--checkpoint={step_dir}', f'--image={image_path}',
-                  '--text=the red circle', f'--out={cli_out}', '--per_query')
+                  f'--text={text}', f'--out={cli_out}', '--per_query')
 
   out = str(tmp_path / 'out.png')
-  result, written = predict.run(config, tiny_trained.workdir, image_path, 'the red circle', out,
+  result, written = predict.run(config, tiny_trained.workdir, image_path, text, out,
                                 per_query=True)
   assert result['step'] == tiny_trained.steps
+  words = len(text.split())   # one token each here, plus [CLS] and [SEP]
+  assert result['tokens_dropped'] == words + 2 - config.model.max_tokens > 0
   assert written == [out, str(tmp_path / 'out_queries.png')]
   with Image.open(out) as im:
     assert im.format == 'PNG' and im.size == IMAGE_HW[::-1]
@@ -97,6 +101,8 @@ def test_writes_mask_png_of_image_size_and_query_grid(tiny_trained, image_path, 
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'checkpoint step {tiny_trained.steps}' in proc.stdout
   assert 'estimator scores (best first)' in proc.stdout
+  assert (f'note: the expression is longer than model.max_tokens={config.model.max_tokens} '
+          f'tokens: its last {result["tokens_dropped"]} token(s) were cut') in proc.stdout
   for ours, theirs in ((out, cli_out), (written[1], str(tmp_path / 'cli_queries.png'))):
     np.testing.assert_array_equal(np.asarray(Image.open(theirs)), np.asarray(Image.open(ours)))
 
@@ -149,7 +155,7 @@ def test_validation_panels_red_prediction_left_green_truth_right():
     blended = (0.5 * rgb + 0.5 * np.array(colour)).round()
     np.testing.assert_array_equal(half[where], blended[where])
     np.testing.assert_array_equal(half[~where], rgb[~where])
-def test_clear_errors(tiny_trained, image_path, tmp_path):
+def test_clear_errors(tiny_trained, image_path, tmp_path, monkeypatch):
   config, workdir = tiny_trained.config(), tiny_trained.workdir
   not_image = tmp_path / 'notes.jpg'
   not_image.write_text('not an image')
@@ -166,6 +172,10 @@ def test_clear_errors(tiny_trained, image_path, tmp_path):
     predict.run(config, workdir, str(tmp_path / 'missing.png'), 'the cat', out)
   with pytest.raises(ValueError, match='expression .* is empty'):
     predict.run(config, workdir, image_path, '   ', out)
+  with monkeypatch.context() as m:   # more pixels than PIL decodes (a 14000² PNG, scaled down)
+    m.setattr(Image, 'MAX_IMAGE_PIXELS', IMAGE_HW[0] * IMAGE_HW[1] // 3)
+    with pytest.raises(ValueError, match='cannot read the image .*decompression bomb'):
+      predict.run(config, workdir, image_path, 'the cat', out)
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     predict.run(config, str(tmp_path), image_path, 'the cat', out)
   with pytest.raises(ValueError, match='folder .* does not exist'):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from eavl_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,3 +77,43 @@ def test_training_the_paper_config_without_a_swin_checkpoint_stops_at_once(tmp_p
   assert errors[0].startswith("error: model.vision_encoder.pretrained is '' (Swin would start "
                               'from random weights): set it to a Swin checkpoint')
   assert 'Traceback' not in proc.stderr and os.listdir(tmp_path) == []
+
+
+def test_an_unknown_config_key_is_one_line_naming_the_closest_keys(tmp_path, monkeypatch):
+  proc = subprocess.run([sys.executable, '-m', 'eavl_jax.train', '--config=configs/tiny.py',
+                         '--config.model.num_querys=4', f'--workdir={tmp_path}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config.model.num_querys: config.model has no key 'num_querys' (did you mean "
+      'num_queries?)']
+  assert os.listdir(tmp_path) == []
+  tiny = '--config=configs/tiny.py'
+  monkeypatch.chdir(ROOT)   # the config file's path as a user gives it
+  assert cli.unknown_config_key([tiny, '--config.modle.dtype=x']) == (
+      "--config.modle.dtype: config has no key 'modle' (did you mean model?)")
+  assert cli.unknown_config_key([tiny, '--config.seed.x=1']).endswith(
+      '(config.seed is a value, not a group)')
+  assert cli.unknown_config_key([tiny, '--config.model.num_queries=2', '--config.seed=1']) is None
+
+
+def test_a_missing_or_wrong_checkpoint_file_is_one_line_before_the_compile(tmp_path):
+  """configs/refcoco.py with a Swin path that does not exist, or that is a text file named .pth:
+  one line naming the key (before: minutes of compiles, then a memory error or a torch error)."""
+  text_file = tmp_path / 'x.pth'
+  text_file.write_text('not a checkpoint')
+  cases = {'/nonexistent.pth': "error: model.vision_encoder.pretrained='/nonexistent.pth': no "
+                               'such file or folder',
+           str(text_file): f"error: model.vision_encoder.pretrained='{text_file}': not a PyTorch "
+                           'checkpoint'}
+  procs = {path: subprocess.Popen(
+      [sys.executable, '-m', 'eavl_jax.train', '--config=configs/refcoco.py',
+       f'--workdir={tmp_path}/run', f'--config.data.data_dir={tmp_path}/records',
+       f'--config.model.vision_encoder.pretrained={path}'],
+      cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for path in cases}
+  for path, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert proc.returncode == 1 and len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+    assert errors[0].startswith(cases[path]), errors[0]
+  assert not os.path.exists(tmp_path / 'run')

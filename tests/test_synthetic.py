@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import coco as coco_api
 import pytest
 
-from data_prep import synthetic
+from eavl_jax.data import synthetic
 from tools import synthetic_ceiling
 from tools import synthetic_errors
 from tools import synthetic_probe

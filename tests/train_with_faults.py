@@ -2,12 +2,16 @@
 
   python -m tests.train_with_faults --sigkill_during_step=4 --config=... --workdir=...
   python -m tests.train_with_faults --sigterm_during_step=3 --config=... --workdir=...
+  python -m tests.train_with_faults --sigint_during_step=3 --config=... --workdir=...
 
 The training loop holds no test code: this runner wraps two functions of the library, then runs
 train.main. --sigkill_during_step=N: while step N runs (the steps before it logged), the process
 waits for the checkpoint saves started so far and kills itself with SIGKILL, as a crash would (no
 handler, no clean-up); step N is lost. --sigterm_during_step=N: a SIGTERM, the notice of a
-preemption, arrives while step N runs, at a known step rather than at a racing moment.
+preemption, arrives while step N runs, at a known step rather than at a racing moment;
+--sigint_during_step=N: the same with SIGINT (Ctrl-C). --unwritable_checkpoints_from_step=N: while
+step N runs, <workdir>/checkpoints is moved aside and replaced by a link to a folder this process
+cannot write (the saves that follow fail, as on a full disk).
 Both act at the trainer's per-step preemption check, which receives the step number.
 """
 import os
@@ -18,6 +22,7 @@ from absl import flags
 import jax
 
 from eavl_jax import checkpointing
+from eavl_jax import cli
 from eavl_jax import train
 from eavl_jax import trainer
 
@@ -27,9 +32,14 @@ FLAGS = flags.FLAGS
 def define_flags():
   flags.DEFINE_integer('sigkill_during_step', None, 'SIGKILL this process while this step runs.')
   flags.DEFINE_integer('sigterm_during_step', None, 'SIGTERM this process while this step runs.')
+  flags.DEFINE_integer('sigint_during_step', None, 'SIGINT this process while this step runs.')
+  flags.DEFINE_integer('unwritable_checkpoints_from_step', None,
+                       'Make <workdir>/checkpoints unwritable while this step runs.')
+  flags.DEFINE_string('unwritable_folder', '/sys/kernel', 'A folder this process cannot write.')
 
 
-def inject_faults(sigkill_step, sigterm_step):
+def inject_faults(sigkill_step, sigterm_step, sigint_step=None, unwritable_step=None,
+                  unwritable_folder=None):
   """Wraps checkpointing.make_manager (to find the run's manager) and the trainer's preemption
   check (called once per step with the step number) so that the faults happen there."""
   managers = []
@@ -47,6 +57,13 @@ def inject_faults(sigkill_step, sigterm_step):
       os.kill(os.getpid(), signal.SIGKILL)
     if step == sigterm_step:
       os.kill(os.getpid(), signal.SIGTERM)   # the trainer's handler runs before `reached` reads it
+    if step == sigint_step:
+      os.kill(os.getpid(), signal.SIGINT)
+    if step == unwritable_step:
+      managers[-1].wait_until_finished()
+      folder = str(managers[-1].directory)
+      os.rename(folder, folder + '.moved_aside')
+      os.symlink(unwritable_folder, folder)
     return reached(preemption, step)
 
   checkpointing.make_manager = recording_make_manager
@@ -54,7 +71,8 @@ def inject_faults(sigkill_step, sigterm_step):
 
 
 def main(argv):
-  inject_faults(FLAGS.sigkill_during_step, FLAGS.sigterm_during_step)
+  inject_faults(FLAGS.sigkill_during_step, FLAGS.sigterm_during_step, FLAGS.sigint_during_step,
+                FLAGS.unwritable_checkpoints_from_step, FLAGS.unwritable_folder)
   train.main(argv)
 
 
@@ -62,4 +80,4 @@ if __name__ == '__main__':
   train.define_flags()
   define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@
 
 EAVL's logits are a (S/4)² map, upsampled bilinearly to the image and thresholded at 0 for
 evaluation (docs/evaluation.md); the map itself is a 3x3 convolution over F_p = Up(Conv(Up(F_s))), so its
-detail comes from the (S/8)² map of eq. 11. For shapes drawn by `data_prep.synthetic` this prints,
+detail comes from the (S/8)² map of eq. 11. For shapes drawn by `eavl_jax.data.synthetic` this prints,
 per target size, the IoU that a *perfect* map of each resolution reaches after that upsampling:
 the map holding each cell's foreground share ('area', a 0.5 threshold), or the pixel at each
 cell's centre ('nearest', the training target of loss.target_resize='nearest'). docs/synthetic.md
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_prep import synthetic
+from eavl_jax.data import synthetic
 from eavl_jax import losses
 
 FLAGS = flags.FLAGS

@@ -25,7 +25,7 @@ import numpy as np
 from ml_collections import config_flags
 from pycocotools import coco as coco_api
 
-from data_prep import synthetic
+from eavl_jax.data import synthetic
 from eavl_jax import checkpointing
 from eavl_jax import errors
 from eavl_jax import input_pipeline

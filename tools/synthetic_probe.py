@@ -40,7 +40,7 @@ from ml_collections import config_flags
 import optax
 from PIL import Image
 
-from data_prep import synthetic
+from eavl_jax.data import synthetic
 from eavl_jax import checkpointing
 from eavl_jax import errors
 from eavl_jax import input_pipeline

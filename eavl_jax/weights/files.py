@@ -53,6 +53,29 @@ def write_msgpack(path: str, flat: Dict[str, np.ndarray]):
     f.write(serialization.msgpack_serialize(tree))
 
 
+def check_header(path: str, key: str):
+  """ValueError naming `key` unless `path` is a file whose first bytes are those of the format its
+  name says (.safetensors: a JSON header; .msgpack: a map; else a torch zip archive or pickle).
+  Reads a few bytes, not the file: for the checks before any slow work."""
+  if not os.path.isfile(path):
+    raise ValueError(f'{key}={path!r}: no such file')
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  size = os.path.getsize(path)
+  if path.endswith('.safetensors'):
+    header = int.from_bytes(head[:8], 'little') if len(head) >= 8 else 0
+    ok = 0 < header < size and head[8:9] == b'{'
+    kind = 'a safetensors file (an 8-byte length, then a JSON header)'
+  elif path.endswith('.msgpack'):
+    ok = head[:1] in (b'\xde', b'\xdf') or b'\x80' <= head[:1] <= b'\x8f'
+    kind = 'a flax msgpack file (a map)'
+  else:
+    ok = head[:4] == b'PK\x03\x04' or head[:1] == b'\x80'
+    kind = "a PyTorch checkpoint (torch.save's zip archive or a pickle)"
+  if not ok:
+    raise ValueError(f'{key}={path!r}: not {kind}; its first bytes are {head[:8]!r}')
+
+
 def read_any(path: str) -> Dict[str, np.ndarray]:
   """By extension: .safetensors, .msgpack, else a torch pickle."""
   if not os.path.isfile(path):

@@ -127,20 +127,27 @@ def convert_state_dict(state: Dict[str, np.ndarray]
   return flat, final_norm or None, sources, layout
 
 
+def checkpoint_file(path: str) -> str:
+  """The file a Swin `path` stands for: itself, or in a folder its swin.msgpack, model.safetensors
+  or first .pth / .pt / .bin."""
+  if not os.path.isdir(path):
+    return path
+  candidates = [os.path.join(path, n) for n in (CONVERTED_FILE, 'model.safetensors')]
+  candidates += sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.endswith(('.pth', '.pt', '.bin')))
+  found = [c for c in candidates if os.path.isfile(c)]
+  if not found:
+    raise ValueError(f'Swin folder {path} holds no {CONVERTED_FILE}, model.safetensors or .pth')
+  return found[0]
+
+
 def read_swin(path: str):
   """-> (flat {flax name: array}, final norm {'scale','bias'} or None, {flax name: source name},
   description). `path`: a file; a folder holding swin.msgpack, model.safetensors or a .pth; or a
   hub id resolved by eavl_jax.hub.resolve_folder."""
   if not os.path.exists(path):
     path = hub.resolve_folder(path)  # a hub id ('microsoft/swin-...') in the local HF cache
-  if os.path.isdir(path):
-    candidates = [os.path.join(path, n) for n in (CONVERTED_FILE, 'model.safetensors')]
-    candidates += sorted(os.path.join(path, n) for n in os.listdir(path)
-                         if n.endswith(('.pth', '.pt', '.bin')))
-    found = [c for c in candidates if os.path.isfile(c)]
-    if not found:
-      raise ValueError(f'Swin folder {path} holds no {CONVERTED_FILE}, model.safetensors or .pth')
-    path = found[0]
+  path = checkpoint_file(path)
   raw = files.read_any(path)
   if path.endswith('.msgpack'):
     final_norm = {k.split('/', 1)[1]: v for k, v in raw.items() if k.startswith(FINAL_NORM + '/')}

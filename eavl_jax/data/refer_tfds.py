@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from data_prep import refer
+from eavl_jax.data import refer
 
 _bytes = lambda shape=(): tfds.features.Tensor(shape=shape, dtype=np.object_)
 _int = lambda dtype=np.int64: tfds.features.Scalar(dtype=dtype)

@@ -75,6 +75,8 @@ def load_refs(refs_path: str, splits) -> list:
       raise ValueError(f'{refs_path}: not a readable pickle ({type(e).__name__}: {e})') from e
   if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
     raise ValueError(f'{refs_path}: expected a pickled list of dicts, got {type(refs).__name__}')
+  if not refs:
+    raise ValueError(f'{refs_path}: the list of refs is empty')
   for i, ref in enumerate(refs):
     missing = [k for k in ('ref_id', 'ann_id', 'image_id', 'split', 'sentences') if k not in ref]
     if missing:
@@ -192,9 +194,12 @@ def prepare(refer_root: str, dataset: str, image_root: str, *, progress=None,
   if not os.path.isfile(instances_path):
     raise FileNotFoundError(f'instances file not found: {instances_path}')
   with open(instances_path) as f:
-    instances = json.load(f)
+    try:
+      instances = json.load(f)
+    except ValueError as e:   # an empty or cut file
+      raise ValueError(f'{instances_path}: not readable JSON ({e})') from None
   for key in ('images', 'annotations'):
-    if key not in instances:
+    if not isinstance(instances, dict) or not isinstance(instances.get(key), list):
       raise ValueError(f'{instances_path}: no {key!r} list')
   annotations = {a['id']: a for a in instances['annotations']}
   images = {im['id']: im for im in instances['images']}
