@@ -12,6 +12,7 @@ Eval batches add:
   orig_size       int32   (B, 2)        (h, w)
   valid           bool    (B,)          False for the padding that fills the last batches
   sentence_index  int32   (B,)
+  tokens_dropped  int32   (B,)          tokens the cut to L dropped from the expression (0: none)
 
 Under eval.protocol='lavt' the eval batches are made as LAVT-RIS's test.py makes its inputs
 (docs/evaluation.md): the whole JPEG decoded, PIL's bilinear resize to S x S, ToTensor's / 255
@@ -264,10 +265,10 @@ class Tokenize:
       raise ValueError(f'token rule {rule!r}: expected one of {sorted(TOKEN_RULES)}')
     self._text_config, self._max_tokens, self._rule = text_config, max_tokens, rule
     self._tokenizer = None
-    self._cache = {}
+    self._cache, self._dropped = {}, {}
 
   def __getstate__(self):      # loaded again in each worker process
-    return {**self.__dict__, '_tokenizer': None, '_cache': {}}
+    return {**self.__dict__, '_tokenizer': None, '_cache': {}, '_dropped': {}}
 
   def _load(self):
     if self._tokenizer is None:
@@ -279,7 +280,12 @@ class Tokenize:
 
   def dropped(self, text: str) -> int:
     """How many tokens of `text` ([CLS] and [SEP] counted) the cut to max_tokens drops."""
-    return max(0, len(self._load().encode(text, add_special_tokens=True)) - self._max_tokens)
+    cached = self._dropped.get(text)
+    if cached is None:
+      cached = max(0, len(self._load().encode(text, add_special_tokens=True)) - self._max_tokens)
+      if len(self._dropped) < self.CACHE_SIZE:
+        self._dropped[text] = cached
+    return cached
 
   def __call__(self, text: str):
     cached = self._cache.get(text)
@@ -384,7 +390,8 @@ class _EvalSample(grain.transforms.Map):
       return {'image': np.zeros((s, s, 3), np.float32), 'input_ids': input_ids,
               'attention_mask': attention_mask, 'mask': np.zeros((s, s), np.uint8),
               'mask_orig': mask_orig, 'orig_size': np.zeros((2,), np.int32),
-              'valid': np.bool_(False), 'ref_id': np.int32(-1), 'sentence_index': np.int32(-1)}
+              'valid': np.bool_(False), 'ref_id': np.int32(-1), 'sentence_index': np.int32(-1),
+              'tokens_dropped': np.int32(0)}
     record, j = element
     full = decode_mask(record['mask'])                               # (h, w)
     h, w = full.shape
@@ -392,7 +399,8 @@ class _EvalSample(grain.transforms.Map):
       raise ValueError(f'ref_id={int(record["ref_id"])}: image {h}x{w} is larger than '
                        f'config.data.eval_max_size={m}; raise it')
     mask_orig[:h, :w] = full
-    input_ids, attention_mask = self._tokenize(_sentence(record, j))
+    text = _sentence(record, j)
+    input_ids, attention_mask = self._tokenize(text)
     return {
         'image': decode_image(record['image'], s, self._image_rule),
         'input_ids': input_ids,
@@ -403,6 +411,7 @@ class _EvalSample(grain.transforms.Map):
         'valid': np.bool_(True),
         'ref_id': np.int32(record['ref_id']),
         'sentence_index': np.int32(j),
+        'tokens_dropped': np.int32(self._tokenize.dropped(text)),   # cut to max_tokens
     }
 
 

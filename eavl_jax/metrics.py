@@ -240,6 +240,8 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   protocol: 'original' (batch_intersection_union) | 'lavt' (input_size_intersection_union; no
     logits_on_canvas; the result also holds 'lavt_test': test.py's numbers, `lavt_test`).
   Samples with valid=False (the padded tail) never count. Results are gathered over processes.
+  A loader whose batches hold 'tokens_dropped' also gives 'truncated_expressions': how many valid
+  samples' expressions were cut to max_tokens.
   """
   keys = eval_keys(protocol)
   if logits_on_canvas and protocol != 'original':
@@ -248,6 +250,7 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
                              logits_on_canvas=logits_on_canvas)
   inters, unions, valids = [], [], []
   diversity, counted = None, 0   # (2,) sums of DIVERSITY_KEYS; the valid samples they cover
+  truncated = None   # valid samples whose expression lost tokens to max_tokens (this host's)
   iterator = iter(loader)
   step = 0
   while num_batches is None or step < num_batches:
@@ -259,6 +262,9 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
         raise ValueError('this host got no eval batch at all and no padding_batch was given')
       batch = padding_batch if padding_batch is not None else _padding_like(last, keys)
     last = batch
+    if 'tokens_dropped' in batch:
+      truncated = (truncated or 0) + int(np.sum((np.asarray(batch['tokens_dropped']) > 0)
+                                                & np.asarray(batch['valid'], bool)))
     g = sharding.global_batch({k: batch[k] for k in keys if k in batch}, mesh)
     out = predict_fn(g)
     logits = out['logits'] if isinstance(out, dict) else out
@@ -282,6 +288,9 @@ def evaluate_loader(predict_fn, loader, *, mesh, num_batches=None, logits_on_can
   result = summarize(i, u)
   if protocol == 'lavt':
     result['lavt_test'] = lavt_test(i, u)
+  if truncated is not None:
+    result['truncated_expressions'] = int(np.sum(multihost_utils.process_allgather(
+        np.asarray([truncated], np.int64), tiled=True)))
   if diversity is not None:   # no valid sample: 0, like the other metrics
     result.update({k: float(x / counted) if counted else 0.0
                    for k, x in zip(DIVERSITY_KEYS, diversity)})

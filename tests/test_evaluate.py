@@ -86,7 +86,9 @@ def test_cli_writes_one_object_per_split(tiny_trained, synthetic_records, synthe
   counts = sentence_counts(synthetic_raw)
   for split, result in saved['splits'].items():
     assert result['samples'] == counts[split] > 0
-    assert set(result) == set(metrics.METRIC_KEYS) | set(metrics.DIVERSITY_KEYS) | {'samples'}
+    assert result['truncated_expressions'] == 0   # the synthetic sentences fit max_tokens=12
+    assert set(result) == (set(metrics.METRIC_KEYS) | set(metrics.DIVERSITY_KEYS)
+                           | {'samples', 'truncated_expressions'})
     precisions = [result[f'Pr@0.{k}'] for k in range(5, 10)]
     assert all(0.0 <= v <= 1.0 for v in precisions + [result['oIoU'], result['mIoU']])
     assert all(0.0 <= result[k] <= 1.0 for k in metrics.DIVERSITY_KEYS)

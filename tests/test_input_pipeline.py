@@ -1,5 +1,6 @@
 """The grain input pipeline over the built synthetic records (in-process, tiny config)."""
 import collections
+import copy
 import math
 import os
 import pickle
@@ -232,6 +233,28 @@ def test_tokenizer_cache_returns_the_tokenizers_ids_read_only(config):
     assert not ids.flags.writeable and not mask.flags.writeable
   assert tokenize('the red circle')[0] is tokenize('the red circle')[0]   # the cached arrays
   assert len(tokenize._cache) == 2
+  long = ' '.join(['circle'] * (config.model.max_tokens + 3))   # one token a word, + [CLS] [SEP]
+  assert tokenize.dropped(long) == 5 and tokenize.dropped('the red circle') == 0
+
+
+def test_eval_samples_say_how_many_tokens_were_cut(config, source):
+  """tokens_dropped of every eval sample: the sentence's tokens beyond max_tokens (the synthetic
+  sentences fit in 12 tokens; at 6 some do not)."""
+  from eavl_jax import hub  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)   # the module's fixture stays as it is
+  config.model.max_tokens = 6
+  tokenizer = hub.load_tokenizer(config.model.text_encoder)
+  refs, _ = source
+  seen = 0
+  for batch in input_pipeline.make_eval_loader(config, 'val', shard_index=0, shard_count=1,
+                                               batch_size=4):
+    for i in np.flatnonzero(batch['valid']):
+      ref = refs[int(batch['ref_id'][i])]
+      text = ref['sentences'][int(batch['sentence_index'][i])]['raw']
+      want = max(0, len(tokenizer.encode(text)) - 6)
+      assert batch['tokens_dropped'][i] == want
+      seen += want > 0
+  assert seen > 0
 
 
 # ---------------------------------------------------------------- eval.protocol='lavt'

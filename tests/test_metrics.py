@@ -147,6 +147,14 @@ def test_evaluate_loader_counts_valid_samples_only():
   got = metrics.evaluate_loader(predict, ListLoader(batches), mesh=mesh, logits_on_canvas=True)
   assert got['samples'] == 6
   assert got['oIoU'] == 1.0 and got['mIoU'] == 1.0 and got['Pr@0.9'] == 1.0
+  assert 'truncated_expressions' not in got   # the loader said nothing about tokens
+
+  # Expressions cut to max_tokens are counted, padding never: valid samples 1 and 4 lost tokens.
+  batches[0]['tokens_dropped'] = np.asarray([0, 3, 0, 0], np.int32)
+  batches[1]['tokens_dropped'] = np.asarray([0, 1, 5, 0], np.int32)   # sample 2: padding
+  got = metrics.evaluate_loader(lambda g: -np.ones((4, 8, 8), np.float32), ListLoader(batches),
+                                mesh=mesh)
+  assert got['truncated_expressions'] == 2
 
   # A shorter shard is padded with invalid batches up to num_batches; those never count.
   background = lambda g: -np.ones((4, 8, 8), np.float32)
