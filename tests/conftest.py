@@ -16,7 +16,13 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Also XLA:CPU's compile-time switches: fusions through the classic emitters, the fast-compile
+# preset, and LLVM codegen in one piece (two test workers already fill the two cores). On the
+# gradient test of four model settings, cold cache: 56 -> 35 s.
+_FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false '
+                 '--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE '
+                 '--xla_cpu_parallel_codegen_split_count=1')
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 import types
 
 import pytest

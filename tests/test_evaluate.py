@@ -113,13 +113,14 @@ def test_ground_truth_scores_one_and_background_zero(tiny_trained, synthetic_raw
                                  logits_on_canvas=True)
   for split in SPLITS:
     assert got[split]['samples'] == counts[split]
-    assert all(got[split][k] == 1.0 for k in got[split] if k != 'samples'), got[split]
+    assert all(got[split][k] == 1.0 for k in metrics.METRIC_KEYS), got[split]
 
   background = lambda b: jnp.full(b['image'].shape[:1] + (16, 16), -1.0)  # every logit < 0
   got = evaluate.evaluate_splits(config, background, SPLITS, mesh=mesh, batch_size=batch)
   for split in SPLITS:
     assert got[split]['samples'] == counts[split]
-    assert all(got[split][k] == 0.0 for k in got[split] if k != 'samples'), got[split]
+    assert all(got[split][k] == 0.0 for k in metrics.METRIC_KEYS), got[split]
+    assert got[split]['truncated_expressions'] == 0
 
   # eval.protocol='lavt': scored against the batch's mask at the input size (S, S).
   config.eval.protocol = 'lavt'

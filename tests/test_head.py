@@ -224,8 +224,9 @@ def test_gates_open_at_init_start_at_one_for_any_input(norm):
     model = builder.build_model(config.model)
     x = inputs(config, 3)
     variables = jax.jit(lambda k, m=model: m.init(k, *x))(jax.random.key(0))
-    _, state = model.apply(variables, *x, train=True, mutable=['batch_stats', 'intermediates'],
-                           capture_intermediates=True)
+    _, state = jax.jit(lambda v, m=model: m.apply(
+        v, *x, train=True, mutable=['batch_stats', 'intermediates'],
+        capture_intermediates=True))(variables)
     gates = [np.asarray(state['intermediates']['neck']['tg']['__call__'][0]),
              np.asarray(state['intermediates']['query_generator']['global_vision']['__call__'][0])]
     assert all(np.all(g == 1.0) for g in gates) == open_gates
