@@ -26,8 +26,24 @@ def define_checkpoint_flags(workdir_help):
   flags.DEFINE_bool('best', False, 'The checkpoint with the best validation mIoU.')
 
 
+def drop_closed_loop_noise():
+  """After a checkpoint read fails (checkpointing.DamagedCheckpointError), TensorStore's pending
+  callbacks meet asyncio's closed event loop and each prints `RuntimeError: Event loop is closed`
+  through sys.unraisablehook: dozens of tracebacks around the one error line. Those, and only
+  those, are dropped; every other unraisable exception is printed as before."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      previous(unraisable)
+  sys.unraisablehook = hook
+
+
 def quiet_libraries():
-  """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay."""
+  """INFO lines of orbax, grain, tfds, ... are dropped; ours and every warning stay; and the
+  closed-event-loop noise (drop_closed_loop_noise)."""
+  drop_closed_loop_noise()
   ours = (os.sep + 'eavl_jax' + os.sep,)
   noise = ('Requested `tracked_metric`',)   # orbax, on every save between two validations
   logging.get_absl_handler().addFilter(

@@ -275,6 +275,7 @@ def run(config, workdir, *, checkpoint=None, best=False, splits=None, batch_size
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.drop_closed_loop_noise()   # a damaged checkpoint: one error line
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
   from eavl_jax import distributed  # pylint: disable=g-import-not-at-top  (see define_flags)

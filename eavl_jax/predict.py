@@ -187,6 +187,7 @@ def run(config, workdir, image_path, text, out_path, *, per_query=False, checkpo
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.drop_closed_loop_noise()   # a damaged checkpoint: one error line
   for name in ('config', 'workdir', 'image', 'text', 'out'):
     if FLAGS[name].value is None:
       raise app.UsageError(f'--{name} is required')
