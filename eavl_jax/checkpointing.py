@@ -150,13 +150,10 @@ def _damaged(manager, step, error):
 
 
 def _read(manager, step, read):
-  """read() -> its value; any failure of Orbax / TensorStore reading `step` -> DamagedCheckpointError."""
+  """read() (an Orbax call on `step`, after the config checks) -> its value; any failure ->
+  DamagedCheckpointError."""
   try:
     return read()
-  except (ValueError, FileNotFoundError) as e:
-    if isinstance(e, DamagedCheckpointError) or 'written by another config' in str(e):
-      raise
-    raise _damaged(manager, step, e) from None
   except Exception as e:  # pylint: disable=broad-exception-caught  (TensorStore, zstd, ...)
     raise _damaged(manager, step, e) from None
 

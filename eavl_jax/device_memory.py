@@ -77,10 +77,9 @@ def with_accum(config, factor):
   return config
 
 
-def smallest_fitting_accum(config, lower, limit, batch_devices):
-  """Binary search over accum_candidates (compiled, not run) -> (factor that fits or None,
-  {factor: needed bytes} of the factors compiled)."""
-  candidates = accum_candidates(config, batch_devices)
+def smallest_fitting_accum(config, lower, limit, candidates):
+  """Binary search over `candidates` (accum_candidates; compiled, not run) -> (factor that fits
+  or None, {factor: needed bytes} of the factors compiled)."""
   needed, best = {}, None
   lo, hi = 0, len(candidates) - 1
   while lo <= hi:
@@ -156,6 +155,6 @@ def compile_train_step(config, lower, batch_devices):
       'optim.grad_accum_steps that fits among %s, at most %d more compile(s) of about %.0f s '
       'each', readable_bytes(need['needed']), readable_bytes(limit), source, candidates,
       math.ceil(math.log2(len(candidates) + 1)), time.perf_counter() - start)
-  fit, needed = smallest_fitting_accum(config, lower, limit, batch_devices)
+  fit, needed = smallest_fitting_accum(config, lower, limit, candidates)
   raise DeviceMemoryError(too_big_message(config, need, limit, source, fit, needed,
                                           batch_devices))

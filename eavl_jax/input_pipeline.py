@@ -265,10 +265,10 @@ class Tokenize:
       raise ValueError(f'token rule {rule!r}: expected one of {sorted(TOKEN_RULES)}')
     self._text_config, self._max_tokens, self._rule = text_config, max_tokens, rule
     self._tokenizer = None
-    self._cache, self._dropped = {}, {}
+    self._cache = {}
 
   def __getstate__(self):      # loaded again in each worker process
-    return {**self.__dict__, '_tokenizer': None, '_cache': {}, '_dropped': {}}
+    return {**self.__dict__, '_tokenizer': None, '_cache': {}}
 
   def _load(self):
     if self._tokenizer is None:
@@ -279,13 +279,12 @@ class Tokenize:
     return self._tokenizer
 
   def dropped(self, text: str) -> int:
-    """How many tokens of `text` ([CLS] and [SEP] counted) the cut to max_tokens drops."""
-    cached = self._dropped.get(text)
-    if cached is None:
-      cached = max(0, len(self._load().encode(text, add_special_tokens=True)) - self._max_tokens)
-      if len(self._dropped) < self.CACHE_SIZE:
-        self._dropped[text] = cached
-    return cached
+    """How many tokens of `text` ([CLS] and [SEP] counted) the cut to max_tokens drops. A text
+    whose ids leave padding was not cut: only a full row is encoded again, uncut."""
+    _, attention_mask = self(text)
+    if attention_mask[-1] == 0:
+      return 0
+    return max(0, len(self._load().encode(text, add_special_tokens=True)) - self._max_tokens)
 
   def __call__(self, text: str):
     cached = self._cache.get(text)

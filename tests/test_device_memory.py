@@ -139,7 +139,8 @@ def test_search_names_the_smallest_fitting_factor(limit, want):
   config = tiny.get_config()
   config.train.global_batch_size = 64
   compiles = []
-  fit, needed = device_memory.smallest_fitting_accum(config, _FakeLowered(compiles), limit, 1)
+  fit, needed = device_memory.smallest_fitting_accum(
+      config, _FakeLowered(compiles), limit, device_memory.accum_candidates(config, 1))
   assert fit == want
   # the smallest: every smaller factor compiled does not fit, and the one before fit was tried
   if want is not None:
