@@ -70,6 +70,7 @@ def get_config():
   m.query_generator = q = ml_collections.ConfigDict()
   q.use_global_vision = True  # eq. 8 with F_vg (table IV); off: F_t alone
   q.scale_word_attention = False  # eq. 9 logits / sqrt(C): a departure (the paper has no scale)
+  q.normalize_word_attention = False  # LayerNorm on eq. 9's q and k: a departure (docs/synthetic.md)
 
   m.decoder = d = ml_collections.ConfigDict()
   d.num_layers = 3

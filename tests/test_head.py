@@ -23,11 +23,18 @@ def softmax(x, axis=-1):
   return e / e.sum(axis=axis, keepdims=True)
 
 
+def layer_norm(x, scale):
+  """LayerNorm over the last axis, no bias, flax's epsilon."""
+  centred = x - x.mean(-1, keepdims=True)
+  return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(scale)
+
+
 @pytest.mark.parametrize('use_global_vision', [True, False])
-@pytest.mark.parametrize('scale', [False, True])
-def test_word_attention_and_queries_equal_eq_9_10(use_global_vision, scale):
+@pytest.mark.parametrize('scale,normalize', [(False, False), (True, False), (True, True)])
+def test_word_attention_and_queries_equal_eq_9_10(use_global_vision, scale, normalize):
   """a_ni = σ(f_vdn W_vd) σ(f_tvi W_a)^T, softmax over the words (eq. 9; no 1/sqrt(C) unless
-  `scale_word_attention`), F_qn = A_n σ(F_tv W_tv) (eq. 10), F_tv = σ(F_t W_t)·σ(F_vg W_vg) (eq. 8)."""
+  `scale_word_attention`, q and k layer-normed if `normalize_word_attention`),
+  F_qn = A_n σ(F_tv W_tv) (eq. 10), F_tv = σ(F_t W_t)·σ(F_vg W_vg) (eq. 8)."""
   b, c, n, l = 2, 16, 3, 6
   rng = np.random.default_rng(0)
   f_v2, f_v3, f_v4 = (rng.normal(size=s).astype(np.float32)
@@ -35,9 +42,12 @@ def test_word_attention_and_queries_equal_eq_9_10(use_global_vision, scale):
   f_vg, f_t = rng.normal(size=(b, 20)).astype(np.float32), rng.normal(size=(b, l, c)).astype(
       np.float32)
   text_mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.int32)
-  module = query_generator.QueryGenerator(c, n, use_global_vision, scale, 'none', False)
+  module = query_generator.QueryGenerator(c, n, use_global_vision, scale, normalize, 'none', False)
   inputs = (f_v2, f_v3, f_v4, f_vg, f_t, text_mask)
   variables = module.init(jax.random.key(0), *inputs)
+  if normalize:   # learned scales away from their initial 1, so that the test sees them
+    for name in ('vd_norm', 'a_norm'):
+      variables['params'][name]['scale'] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
   f_q, state = module.apply(variables, *inputs, capture_intermediates=True,
                             mutable=['intermediates'])
   p, inter = variables['params'], state['intermediates']
@@ -50,6 +60,8 @@ def test_word_attention_and_queries_equal_eq_9_10(use_global_vision, scale):
             * relu(dense(p['global_vision']['Dense_0'], f_vg))[:, None])   # eq. 8
   q = relu(dense(p['vd']['Dense_0'], f_vd))                                 # (B, N_q, C)
   k = relu(dense(p['a']['Dense_0'], f_tv))                                  # (B, L, C)
+  if normalize:
+    q, k = layer_norm(q, p['vd_norm']['scale']), layer_norm(k, p['a_norm']['scale'])
   a = np.einsum('bnc,blc->bnl', q, k) / (np.sqrt(c) if scale else 1.0)     # eq. 9
   a = softmax(np.where(text_mask[:, None] > 0, a, -np.inf))
   want = np.einsum('bnl,blc->bnc', a, relu(dense(p['tv']['Dense_0'], f_tv)))  # eq. 10

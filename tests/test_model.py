@@ -110,7 +110,7 @@ def test_head_modules_standalone_shapes():
   assert shaped(neck.FusionNeck(c, 'none', False), f_v2, f_v3, f_v4, f_tg).shape == (b, 8, 8, c)
   assert shaped(neck.FusionNeck(c, 'none', False), f_v2, f_v3, f_v4).shape == (b, 8, 8, c)
   f_t, text_mask = jnp.ones((b, l, c)), jnp.ones((b, l), jnp.int32)
-  assert shaped(query_generator.QueryGenerator(c, n, True, False, 'none', False), f_v2, f_v3, f_v4, f_vg, f_t,
+  assert shaped(query_generator.QueryGenerator(c, n, True, False, False, 'none', False), f_v2, f_v3, f_v4, f_vg, f_t,
                 text_mask).shape == (b, n, c)
   f_vt, f_q = jnp.ones((b, 64, c)), jnp.ones((b, n, c))
   assert shaped(decoder.Decoder(2, 2, 32, 0.0, False), f_vt, f_q, 8, 8).shape == (b, 8, 8, c)
@@ -180,6 +180,8 @@ ABLATIONS = {
     'relu kernels': {'aligner.kernel_activation': 'relu'},
     'relu mask features': {'aligner.feature_activation': 'relu'},
     'scaled word attention': {'query_generator.scale_word_attention': True},
+    'normalised word attention': {'query_generator.scale_word_attention': True,
+                                  'query_generator.normalize_word_attention': True},
     'batch norm head': {'head_norm': 'batch'},
     'layer norm head': {'head_norm': 'layer'},
     'gates open at init': {'gates_open_at_init': True},

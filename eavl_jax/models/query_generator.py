@@ -12,6 +12,7 @@ class QueryGenerator(nn.Module):
   num_queries: int            # N_q
   use_global_vision: bool     # eq. 8 with F_vg (configs/base.py holds every default)
   scale_word_attention: bool  # eq. 9 divided by sqrt(C): a departure
+  normalize_word_attention: bool  # LayerNorm (learned scale) on eq. 9's q and k: a departure
   norm: str                   # the head's norm inside each σ(XW) and conv: layers.HEAD_NORMS
   gate_open_at_init: bool     # σ(F_vg W_vg) of eq. 8 starts at 1 (layers.ProjectReLU)
   dtype: jnp.dtype = jnp.float32
@@ -47,6 +48,9 @@ class QueryGenerator(nn.Module):
     # built for one input size.
     q = proj(c, 'vd')(f_vd)                                         # σ(f_vdn W_vd): (B, N_q, C)
     k = proj(c, 'a', words)(f_tv)                                   # σ(f_tvi W_a):  (B, L, C)
+    if self.normalize_word_attention:  # bounds the logits by sqrt(C)·(learned scales) when scaled
+      q = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='vd_norm')(q)
+      k = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='a_norm')(k)
     a = jnp.einsum('bnc,blc->bnl', q, k).astype(jnp.float32)        # eq. 9: a_ni (B, N_q, L)
     if self.scale_word_attention:
       a = a / jnp.sqrt(c)
@@ -63,5 +67,6 @@ def from_config(m, dtype, name='query_generator'):
   g = m.query_generator
   return QueryGenerator(hidden_dim=m.hidden_dim, num_queries=m.num_queries,
                         use_global_vision=g.use_global_vision,
-                        scale_word_attention=g.scale_word_attention, norm=m.head_norm,
+                        scale_word_attention=g.scale_word_attention,
+                        normalize_word_attention=g.normalize_word_attention, norm=m.head_norm,
                         gate_open_at_init=m.gates_open_at_init, dtype=dtype, name=name)
