@@ -171,6 +171,10 @@ def get_config():
   tr.eval_every_steps = 5000
   tr.checkpoint_every_steps = 2000
   tr.keep_checkpoints = 3
+  # A latest step that cannot be read (docs/training.md): False stops with one line naming it and
+  # the way out; True renames it to checkpoints/<step>.damaged, logs it, and resumes from the
+  # newest step that reads. Nothing is deleted either way.
+  tr.resume_past_damaged = False
   tr.eval_batch_size = 32
   tr.num_eval_images = 4      # prediction images written to TensorBoard at each evaluation
   # Memory per device the train step may use (checked on the compiled step before the first step,

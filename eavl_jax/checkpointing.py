@@ -129,14 +129,19 @@ def check_compatible(saved_tree, expected_tree, where):
 
 class DamagedCheckpointError(ValueError):
   """A finalised step that cannot be read: disk trouble or a copy gone wrong (Orbax writes a step
-  into a temporary folder and renames it when complete)."""
+  into a temporary folder and renames it when complete). `where`: its folder; `reason`: why."""
+
+  def __init__(self, message, where, reason):
+    super().__init__(message)
+    self.where, self.reason = where, reason
 
 
 def _damaged(manager, step, error):
   where = os.path.join(str(manager.directory), str(step))
   others = sorted(s for s in manager.all_steps() if s != step)
   way_out = (f': evaluate or predict one with --checkpoint=<step>, or move this folder aside '
-             f'(e.g. to {step}.damaged) and training resumes from {others[-1]}' if others else
+             f'(e.g. to {step}.damaged) and training resumes from {others[-1]} '
+             '(--config.train.resume_past_damaged=True does that itself)' if others else
              ', none to fall back to')
   text = str(error).strip()
   reason = (text.splitlines()[0].split(' See full TensorStore details')[0][:200] if text
@@ -146,7 +151,19 @@ def _damaged(manager, step, error):
   return DamagedCheckpointError(
       f'the checkpoint {where} cannot be read: {reason}. A complete step that fails to read '
       'means disk trouble or a copy gone wrong; nothing was deleted. Other steps there: '
-      f'{others or "none"}{way_out}.')
+      f'{others or "none"}{way_out}.', where, reason)
+
+
+def set_aside(manager, step):
+  """Renames the folder of `step` to `<step>.damaged` (`.damaged-2`, ... if taken), which Orbax
+  does not list as a step; -> the new path. Nothing is deleted."""
+  where = os.path.join(str(manager.directory), str(step))
+  moved, n = f'{where}.damaged', 1
+  while os.path.exists(moved):
+    n += 1
+    moved = f'{where}.damaged-{n}'
+  os.rename(where, moved)
+  return moved
 
 
 def _read(manager, step, read):

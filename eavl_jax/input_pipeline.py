@@ -82,43 +82,57 @@ def _builder(config):
 
 
 def _records(config, split):
-  """(TFDS data source of `split`, sentence count per record)."""
+  """(records of `split`: _Records over its TFDS data source, sentence count per record)."""
   builder = _builder(config)
   counts = builder.info.metadata['sentences_per_ref']
   if split not in counts:
     raise ValueError(f'{config.data.dataset} has no split {split!r}; splits: {sorted(counts)}')
-  source = builder.as_data_source(split)
+  info = builder.info.splits[split]
+  records = _Records(config, split, builder.as_data_source(split), info.filepaths,
+                     info.shard_lengths)
   sentences = np.asarray(counts[split], np.int64)
-  if len(source) != len(sentences):
-    raise ValueError(f'{builder.data_dir}: {len(source)} records in {split} but metadata lists '
+  if len(records) != len(sentences):
+    raise ValueError(f'{builder.data_dir}: {len(records)} records in {split} but metadata lists '
                      f'{len(sentences)}: rebuild the data set')
-  _check_shards(config, builder, split, source)
-  return source, sentences
+  if (builder.data_dir, split) not in _READABLE_SHARDS:
+    records.check_shards()
+    _READABLE_SHARDS.add((builder.data_dir, split))
+  return records, sentences
 
 
 _READABLE_SHARDS = set()   # (data_dir, split) whose shards opened once in this process
 
 
-def _check_shards(config, builder, split, source):
-  """Reads the first record of every shard of `split` (opening each file: a file cut short or
-  damaged fails here, in seconds, not after the compile); ValueError naming the split, the file
-  and how to rebuild it."""
-  if (builder.data_dir, split) in _READABLE_SHARDS:
-    return
-  info = builder.info.splits[split]
-  start = 0
-  for path, length in zip(info.filepaths, info.shard_lengths):
+class _Records:
+  """Record i of a split; a record that cannot be read is a ValueError naming the split, its shard
+  file and how to rebuild it (instead of Riegeli's RuntimeError naming no file)."""
+
+  def __init__(self, config, split, source, paths, lengths):
+    self._source, self._split, self._paths = source, split, list(paths)
+    self._lengths = np.asarray(lengths, np.int64)
+    self._ends = np.cumsum(self._lengths)        # the index after each shard's last record
+    self._rebuild = (f'python -m data_prep.build --dataset={config.data.dataset} '
+                     f'--data_dir={config.data.data_dir} --overwrite ...')
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
     try:
-      if length:
-        source[start]
+      return self._source[i]
     except Exception as e:  # pylint: disable=broad-exception-caught  (Riegeli's RuntimeError, ...)
+      path = self._paths[int(np.searchsorted(self._ends, int(i), side='right'))]
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f'split {split!r}: the record file {path} cannot be read ({reason[:200]}): '
-                       'it is damaged or cut short; rebuild the records with python -m '
-                       f'data_prep.build --dataset={config.data.dataset} '
-                       f'--data_dir={config.data.data_dir} --overwrite ...') from None
-    start += length
-  _READABLE_SHARDS.add((builder.data_dir, split))
+      raise ValueError(f'split {self._split!r}: the record file {path} cannot be read '
+                       f'({reason[:200]}): it is damaged or cut short; rebuild the records with '
+                       f'{self._rebuild}') from None
+
+  def check_shards(self):
+    """Reads the first record of every shard: a file cut short (its index is at its end) fails
+    here, in seconds, not after the compile."""
+    for start, length in zip(self._ends - self._lengths, self._lengths):
+      if length:
+        self[int(start)]
 
 
 def num_examples(config, split: str) -> int:

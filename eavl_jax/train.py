@@ -69,10 +69,12 @@ def main(argv):
     print(f'preempted ({e.signal_name}): checkpoint of step {e.step} saved in {e.directory}; '
           f'exit code {trainer.EXIT_PREEMPTED}: run the same command again to resume', flush=True)
     sys.exit(trainer.EXIT_PREEMPTED)
-  except KeyboardInterrupt:   # before the loop, or a second Ctrl-C during it
-    print('error: interrupted (Ctrl-C) before the current step was saved; the checkpoints '
-          'already in the workdir are kept', file=sys.stderr, flush=True)
-    sys.exit(130)
+  except KeyboardInterrupt as e:   # before the loop, a second signal, or one during a save's wait
+    what = str(e) if isinstance(e, trainer.Interrupted) else 'interrupted (Ctrl-C) before the loop'
+    print(f'error: {what}; the checkpoints already in the workdir are kept', file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os._exit(130)   # not sys.exit: a save's background thread that hangs must not hold the exit
   except (trainer.NonFiniteLossError, checkpointing.SaveError, ValueError, FileNotFoundError) as e:
     # Bad config / data / checkpoint: the message names the field, file or entries.
     print(f'error: {e}', file=sys.stderr, flush=True)

@@ -51,23 +51,42 @@ class Preempted(Exception):
     self.signal_name, self.step, self.directory = signal_name, step, directory
 
 
+class Interrupted(KeyboardInterrupt):
+  """A signal that stops the run at once, without saving: a second one, or one that arrives while
+  the run waits for a save to be written (a hung disk must not hold the job)."""
+
+
 class _Preemption:
-  """SIGTERM or SIGINT (Ctrl-C) -> save and stop after the current step (single process; a second
-  Ctrl-C interrupts at once). Multi-host: JAX's preemption sync point (SIGTERM)."""
+  """SIGTERM or SIGINT (Ctrl-C) -> save and stop after the current step (single process). A second
+  signal, or one while `waiting_for_save`, raises Interrupted at once. Multi-host: JAX's preemption
+  sync point (SIGTERM)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = None   # the name of the signal that asked to stop
+    self.waiting_for_save = None   # the step whose save the run waits for
     self._previous = {}
     if jax.process_count() == 1:
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
     del frame
-    if self.received is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # the second Ctrl-C: stop now, without waiting for the save
-    self.received = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if self.waiting_for_save is not None:
+      raise Interrupted(f'{name} while waiting for the checkpoint of step '
+                        f'{self.waiting_for_save} to be written: stopped without it')
+    if self.received is not None:
+      raise Interrupted(f'a second signal ({name}): stopped before the current step was saved')
+    self.received = name
+
+  def wait_for_saves(self, manager, step):
+    """checkpointing.wait_for_saves, which a signal interrupts."""
+    self.waiting_for_save = step
+    try:
+      checkpointing.wait_for_saves(manager, step)
+    finally:
+      self.waiting_for_save = None
 
   def reached(self, step):
     if jax.process_count() > 1:
@@ -110,6 +129,38 @@ def _flush(pending, writer, bar):
   bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', lr=f'{mean["train/lr"]:.2e}')
 
 
+def _read_latest(config, manager, read):
+  """-> (step, read(step)) for the latest step, or None without checkpoints. A step that cannot be
+  read (checkpointing.DamagedCheckpointError, on any process) stops the run, or with
+  `train.resume_past_damaged` is set aside (checkpointing.set_aside, logged) and the step before it
+  tried."""
+  while (step := manager.latest_step()) is not None:
+    error = None
+    try:
+      value = read(step)
+    except checkpointing.DamagedCheckpointError as e:
+      error = e
+    failed = error is not None
+    if jax.process_count() > 1:   # all processes fall back, or none
+      failed = bool(multihost_utils.process_allgather(np.int32(failed)).any())
+    if not failed:
+      return step, value
+    if error is None:
+      where = os.path.join(str(manager.directory), str(step))
+      error = checkpointing.DamagedCheckpointError(
+          f'the checkpoint {where} cannot be read by another process', where, 'another process')
+    if not config.train.resume_past_damaged or len(manager.all_steps()) < 2:
+      raise error
+    if jax.process_index() == 0:
+      moved = checkpointing.set_aside(manager, step)
+      logging.warning('the checkpoint %s cannot be read (%s); train.resume_past_damaged: moved it '
+                      'to %s, trying the step before it', error.where, error.reason, moved)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set aside the checkpoint of step {step}')
+    manager.reload()
+  return None
+
+
 def restore_or_create(config, model, tx, mesh, manager, sizes):
   """-> (train state, train iterator): the latest checkpoint of `manager` with its data order, or
   a new state and a fresh iterator."""
@@ -120,12 +171,16 @@ def restore_or_create(config, model, tx, mesh, manager, sizes):
                                             shard_count=pc, batch_size=sizes.micro_batch // pc)
 
   train_iter = loader(config.seed)
-  latest = manager.latest_step()
-  if latest is None:
+
+  def restore(step):
+    abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
+    return checkpointing.restore(manager, step, abstract, shardings, train_iter)
+
+  restored = _read_latest(config, manager, restore)
+  if restored is None:
     state, _ = train_state_lib.create_train_state(config, model, tx, mesh)
     return state, train_iter
-  abstract, shardings = train_state_lib.abstract_train_state(config, model, tx, mesh)
-  state, same_data_order = checkpointing.restore(manager, latest, abstract, shardings, train_iter)
+  latest, (state, same_data_order) = restored
   logging.info('resumed from %s at step %d', manager.directory, latest)
   if not same_data_order:
     # Documented fallback (docs/distributed.md): another process count cannot continue the
@@ -171,9 +226,9 @@ def train_and_evaluate(config, workdir):
 
 def _train_and_evaluate(config, workdir):
   manager = checkpointing.make_manager(workdir, config.train)
-  latest = manager.latest_step()
-  if latest is not None:   # another model config is refused before the compile, config.json kept
-    checkpointing.check_model_of_step(manager, latest, weights.with_checkpoint_text_sizes(config.model))
+  # Another model config is refused before the compile, config.json kept.
+  _read_latest(config, manager, lambda step: checkpointing.check_model_of_step(
+      manager, step, weights.with_checkpoint_text_sizes(config.model)))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -215,6 +270,7 @@ def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_s
   bar = tqdm.tqdm(total=total_steps, initial=start, disable=not main, desc='train',
                   dynamic_ncols=True, file=sys.stderr)
   pending, result, last_eval, shown = [], None, None, None   # shown: the step of the last table
+  interrupted = False
   try:
     for step in range(start + 1, total_steps + 1):   # `step`: train steps done after this one
       host_batch = next(train_iter)
@@ -236,7 +292,7 @@ def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_s
       if save_now:
         checkpointing.save(manager, step, state, train_iter, metrics=eval_metrics)
       if preempted:
-        checkpointing.wait_for_saves(manager, step)
+        preemption.wait_for_saves(manager, step)
         if jax.process_count() > 1:   # every process's part of the step is written
           multihost_utils.sync_global_devices(f'preempted at step {step}')
         raise Preempted(preemption.received, step, manager.directory)
@@ -247,12 +303,16 @@ def train_loop(config, workdir, model, mesh, manager, state, train_iter, train_s
       result, _ = scoring.evaluate_split(config, lambda b: predict(variables, b),
                                             config.data.val_split, mesh=mesh)
       last_eval = start
-    checkpointing.wait_for_saves(manager, total_steps)
+    preemption.wait_for_saves(manager, total_steps)
+  except Interrupted:   # the pending save is left unfinished (Orbax ignores it): no wait here
+    interrupted = True
+    raise
   finally:
     bar.close()   # before any error message: the bar's line ends here
     preemption.close()
     writer.close()
-    manager.close()   # waits for pending saves
+    if not interrupted:
+      manager.close()   # waits for pending saves
   if main and result is not None and last_eval != shown:   # not already written by the loop
     print(reporting.format_table(config.data.val_split, last_eval, result), flush=True)
   return result

@@ -346,3 +346,25 @@ def test_protocol_lavt_eval_batches_are_lavts_inputs(config, source):
   assert drafted   # the project's decoding (JPEG draft, other float order) is not LAVT's
   assert input_pipeline.eval_rules(c) == ('lavt', 'lavt')
   assert input_pipeline.eval_rules(config) == ('keep_sep', 'draft')
+
+
+def test_a_record_damaged_inside_its_file_names_the_file(config, tmp_path):
+  """Bytes overwritten in the middle of the train shard (its index at the end still reads, so the
+  first-record check passes): the record that cannot be read is a ValueError naming the split,
+  the file and the rebuild command, not Riegeli's error naming no file."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  damaged = copy.deepcopy(config)
+  damaged.data.data_dir = str(tmp_path / 'records')
+  shutil.copytree(config.data.data_dir, damaged.data.data_dir)
+  [shard] = glob.glob(os.path.join(damaged.data.data_dir, '*', '*', '*', '*-train.array_record-*'))
+  block = 1 << 16   # Riegeli's block size: a header at each multiple, which reading the index crosses
+  assert os.path.getsize(shard) > 2 * block
+  with open(shard, 'r+b') as f:   # a record's bytes in the second block, no header touched
+    f.seek(block + 1024)
+    f.write(b'\xff' * 1024)
+  loader = _train(damaged, batch_size=4)   # opens, and its first-record check passes
+  with pytest.raises(ValueError, match=(f"split 'train': the record file {shard} cannot be read "
+                                        r'.*rebuild the records with python -m data_prep.build')):
+    for _ in range(math.ceil(input_pipeline.num_examples(damaged, 'train') / 4) + 1):
+      next(loader)

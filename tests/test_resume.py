@@ -21,7 +21,7 @@ STEPS = 6
 
 
 def train(workdir, data_dir, *overrides, sigkill_during=None, sigterm_during=None,
-          sigint_during=None, unwritable_from=None, unwritable_folder=None):
+          sigint_during=None, unwritable_from=None, unwritable_folder=None, hung_save_at=None):
   """`python -m eavl_jax.train`, or tests/train_with_faults.py for a fault at a known step."""
   # Bit-exact runs need deterministic kernels: XLA:CPU's multi-threaded Eigen reductions may sum
   # in a different order from run to run (on GPU: --xla_gpu_deterministic_ops=true). Every run
@@ -32,7 +32,7 @@ def train(workdir, data_dir, *overrides, sigkill_during=None, sigterm_during=Non
   program = ['eavl_jax.train']
   faults = {'sigkill_during_step': sigkill_during, 'sigterm_during_step': sigterm_during,
             'sigint_during_step': sigint_during, 'unwritable_checkpoints_from_step': unwritable_from,
-            'unwritable_folder': unwritable_folder}
+            'unwritable_folder': unwritable_folder, 'hung_save_at_step': hung_save_at}
   if any(value is not None for value in faults.values()):
     program = ['tests.train_with_faults']
     program += [f'--{name}={value}' for name, value in faults.items() if value is not None]
@@ -168,18 +168,55 @@ def test_a_save_that_fails_stops_the_run_at_once_with_one_line(synthetic_records
   assert os.listdir(os.path.join(workdir, 'checkpoints.moved_aside')) == ['2']
 
 
+def test_a_signal_ends_a_run_that_waits_on_a_hung_save(synthetic_records, tmp_path):
+  """SIGTERM in step 3 asks for a save; its write hangs (a stuck disk), and a second SIGTERM 2 s
+  into the wait ends the run at once: exit 130, one line naming the step, earlier steps kept."""
+  workdir = str(tmp_path / 'run')
+  proc = train(workdir, synthetic_records, sigterm_during=3, hung_save_at=3)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert proc.returncode == 130 and len(errors) == 1, proc.stderr[-3000:]
+  assert errors[0] == ('error: SIGTERM while waiting for the checkpoint of step 3 to be written: '
+                       'stopped without it; the checkpoints already in the workdir are kept'), errors[0]
+  assert 'Traceback' not in proc.stderr
+  assert 2 in checkpointing.make_manager(workdir, read_only=True).all_steps()
+
+
+def copy_with_damaged_latest(source, workdir):
+  """Copies the run `source` to `workdir` and cuts the largest file of its latest step to a tenth;
+  -> (steps, the latest step's folder)."""
+  shutil.copytree(source, workdir)
+  steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
+  latest = os.path.join(workdir, 'checkpoints', str(max(steps)))
+  files = glob.glob(os.path.join(latest, 'state', '**', '*'), recursive=True)
+  largest = max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 10)
+  return steps, latest
+
+
+def test_resume_past_damaged_sets_the_step_aside_and_resumes_from_the_one_before(
+    uninterrupted, synthetic_records, tmp_path):
+  """train.resume_past_damaged: the damaged latest step is renamed <step>.damaged (kept, logged)
+  and training resumes from the step before it and runs to the end."""
+  workdir = str(tmp_path / 'run')
+  steps, latest = copy_with_damaged_latest(uninterrupted[0], workdir)
+  previous = sorted(steps)[-2]
+  proc = train(workdir, synthetic_records, f'--config.train.num_steps={STEPS + 2}',
+               '--config.train.resume_past_damaged=True')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f'the checkpoint {latest} cannot be read' in proc.stderr
+          and f'train.resume_past_damaged: moved it to {latest}.damaged' in proc.stderr), proc.stderr[-3000:]
+  assert f'from step {previous} on' in proc.stderr
+  assert os.listdir(os.path.join(latest + '.damaged', 'state'))        # kept, not deleted
+  assert max(checkpointing.make_manager(workdir, read_only=True).all_steps()) == STEPS + 2
+
+
 def test_a_damaged_step_is_named_with_the_steps_to_fall_back_to(uninterrupted, synthetic_records,
                                                                 tmp_path):
   """A file of the latest step cut short (the disk, a copy gone wrong): resuming and evaluating
   name the step folder, the other steps and the way out; nothing is deleted, and the step before
   it still restores."""
   workdir = str(tmp_path / 'run')
-  shutil.copytree(uninterrupted[0], workdir)
-  steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
-  latest = os.path.join(workdir, 'checkpoints', str(max(steps)))
-  files = glob.glob(os.path.join(latest, 'state', '**', '*'), recursive=True)
-  largest = max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 10)
+  steps, latest = copy_with_damaged_latest(uninterrupted[0], workdir)
   evaluating = subprocess.Popen(
       [sys.executable, '-m', 'eavl_jax.evaluate', '--config=configs/tiny.py', f'--workdir={workdir}',
        f'--config.data.data_dir={synthetic_records}', '--splits=val'],

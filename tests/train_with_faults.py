@@ -11,11 +11,14 @@ handler, no clean-up); step N is lost. --sigterm_during_step=N: a SIGTERM, the n
 preemption, arrives while step N runs, at a known step rather than at a racing moment;
 --sigint_during_step=N: the same with SIGINT (Ctrl-C). --unwritable_checkpoints_from_step=N: while
 step N runs, <workdir>/checkpoints is moved aside and replaced by a link to a folder this process
-cannot write (the saves that follow fail, as on a full disk).
+cannot write (the saves that follow fail, as on a full disk). --hung_save_at_step=N: waiting for
+the save of step N never ends (a hung disk), and a SIGTERM arrives 2 s into the wait.
 Both act at the trainer's per-step preemption check, which receives the step number.
 """
 import os
 import signal
+import threading
+import time
 
 from absl import app
 from absl import flags
@@ -36,6 +39,22 @@ def define_flags():
   flags.DEFINE_integer('unwritable_checkpoints_from_step', None,
                        'Make <workdir>/checkpoints unwritable while this step runs.')
   flags.DEFINE_string('unwritable_folder', '/sys/kernel', 'A folder this process cannot write.')
+  flags.DEFINE_integer('hung_save_at_step', None,
+                       'The wait for the save of this step hangs; SIGTERM 2 s into it.')
+
+
+def hang_save(step_that_hangs):
+  """Wraps checkpointing.wait_for_saves: the wait for `step_that_hangs` sleeps 10 minutes, and a
+  timer sends this process SIGTERM after 2 s."""
+  wait_for_saves = checkpointing.wait_for_saves
+
+  def hung_wait_for_saves(manager, step):
+    if step != step_that_hangs:
+      return wait_for_saves(manager, step)
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    time.sleep(600)
+
+  checkpointing.wait_for_saves = hung_wait_for_saves
 
 
 def inject_faults(sigkill_step, sigterm_step, sigint_step=None, unwritable_step=None,
@@ -73,6 +92,8 @@ def inject_faults(sigkill_step, sigterm_step, sigint_step=None, unwritable_step=
 def main(argv):
   inject_faults(FLAGS.sigkill_during_step, FLAGS.sigterm_during_step, FLAGS.sigint_during_step,
                 FLAGS.unwritable_checkpoints_from_step, FLAGS.unwritable_folder)
+  if FLAGS.hung_save_at_step is not None:
+    hang_save(FLAGS.hung_save_at_step)
   train.main(argv)
 
 
