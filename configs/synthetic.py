@@ -21,6 +21,11 @@ def get_config():
   # every input; started open (σ(.) = 1 at init) they begin as the ungated features and learn
   # from there (docs/synthetic.md).
   m.gates_open_at_init = True
+  # Eq. 9's q and k layer-normed and the logits scaled by 1/sqrt(C): without it the word
+  # attention of some seeds saturates to one word per query by step 500 and stays there
+  # (docs/synthetic.md).
+  m.query_generator.normalize_word_attention = True
+  m.query_generator.scale_word_attention = True
 
   v = m.vision_encoder
   v.embed_dim = 32
