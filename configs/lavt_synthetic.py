@@ -11,8 +11,4 @@ def get_config():
   c = synthetic.get_config()
   c.model.name = 'lavt'
   c.model.lavt.head = 'fixed'
-  # Eq. 9 as the paper writes it, as when docs/lavt.md's rows were measured (the aligner head of
-  # configs/lavt_aligner_synthetic.py uses the query generator; the fixed head does not).
-  c.model.query_generator.normalize_word_attention = False
-  c.model.query_generator.scale_word_attention = False
   return c
